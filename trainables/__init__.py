@@ -1,0 +1,1 @@
+"""Trainables (one module per method) and the leaf utilities they share."""

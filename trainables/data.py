@@ -1,0 +1,213 @@
+"""Load and validate the project's API-update data (schema: data/README.md).
+
+Every record is checked on load; the first bad one stops the load with a single message
+naming the file, the line and the field, e.g.
+``data/migrations.jsonl:12: field 'probe_contexts': need at least 2 contexts, got 1``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from trainables.apicheck import check_completion, parse_pattern
+
+# APIUPDATE_DATA_DIR points every default at another folder of the same layout (tests use a
+# 4-migration fixture so that whole sweeps run in seconds).
+DATA_DIR = Path(os.environ.get("APIUPDATE_DATA_DIR") or Path(__file__).resolve().parent.parent / "data")
+MIGRATIONS = DATA_DIR / "migrations.jsonl"
+LOCALITY = DATA_DIR / "locality.jsonl"
+
+MIN_TRAIN_CONTEXTS = 3
+MIN_PROBE_CONTEXTS = 2
+
+
+class DataError(ValueError):
+    """Bad input data; the message is one line: ``file:line: field 'f': what is wrong``."""
+
+
+@dataclass(frozen=True)
+class Context:
+    prompt: str
+    old: str
+    new: str
+
+
+@dataclass(frozen=True)
+class Migration:
+    id: str
+    library: str
+    old_version: str
+    new_version: str
+    note: str
+    deprecated: str
+    replacement: str
+    old_code: str
+    new_code: str
+    train_contexts: tuple[Context, ...]
+    probe_contexts: tuple[Context, ...]
+
+
+@dataclass(frozen=True)
+class LocalitySnippet:
+    id: str
+    prompt: str
+    completion: str
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) for each non-blank line; bad JSON or encoding -> DataError."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start})") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: malformed JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+        yield n, obj
+
+
+class _Checker:
+    def __init__(self, path: Path, line: int, obj: dict[str, Any]):
+        self.path, self.line, self.obj = path, line, obj
+
+    def fail(self, field: str, msg: str) -> DataError:
+        return DataError(f"{self.path}:{self.line}: field '{field}': {msg}")
+
+    def str(self, field: str, *, allow_empty: bool = False) -> str:
+        if field not in self.obj:
+            raise self.fail(field, "missing")
+        v = self.obj[field]
+        if not isinstance(v, str):
+            raise self.fail(field, f"expected a string, got {type(v).__name__}")
+        if not allow_empty and not v.strip():
+            raise self.fail(field, "empty")
+        return v
+
+    def pattern(self, field: str) -> str:
+        v = self.str(field)
+        try:
+            parse_pattern(v)
+        except ValueError as e:
+            raise self.fail(field, str(e)) from None
+        return v
+
+
+def _contexts(c: _Checker, field: str, minimum: int, deprecated: str, replacement: str) -> tuple[Context, ...]:
+    raw = c.obj.get(field)
+    if raw is None:
+        raise c.fail(field, "missing")
+    if not isinstance(raw, list):
+        raise c.fail(field, f"expected a list, got {type(raw).__name__}")
+    if len(raw) < minimum:
+        raise c.fail(field, f"need at least {minimum} contexts, got {len(raw)}")
+    out = []
+    for i, ctx in enumerate(raw):
+        where = f"{field}[{i}]"
+        if not isinstance(ctx, dict):
+            raise c.fail(where, "expected an object with prompt, old, new")
+        sub = _Checker(c.path, c.line, ctx)
+        try:
+            prompt, old, new = sub.str("prompt"), sub.str("old"), sub.str("new")
+        except DataError as e:
+            raise DataError(str(e).replace("field '", f"field '{where}.", 1)) from None
+        if not prompt.endswith("\n"):
+            raise c.fail(f"{where}.prompt", "must end with a newline")
+        for name, line in (("old", old), ("new", new)):
+            if "\n" in line:
+                raise c.fail(f"{where}.{name}", "must be a single line")
+        o = check_completion(prompt, old, deprecated, replacement)
+        if not o.syntax_ok:
+            raise c.fail(f"{where}.old", "prompt + old does not parse")
+        if not o.uses_old:
+            raise c.fail(f"{where}.old", f"does not match the deprecated pattern {deprecated!r}")
+        n = check_completion(prompt, new, deprecated, replacement)
+        if not n.syntax_ok:
+            raise c.fail(f"{where}.new", "prompt + new does not parse")
+        if not n.correct:
+            raise c.fail(
+                f"{where}.new",
+                f"must match {replacement!r} and not {deprecated!r} (new={n.uses_new}, old={n.uses_old})",
+            )
+        out.append(Context(prompt, old, new))
+    return tuple(out)
+
+
+def load_migrations(path: str | Path = MIGRATIONS) -> list[Migration]:
+    path = Path(path)
+    out: list[Migration] = []
+    seen: dict[str, int] = {}
+    prompts: dict[str, int] = {}
+    for line, obj in _records(path):
+        c = _Checker(path, line, obj)
+        mid = c.str("id")
+        if mid in seen:
+            raise c.fail("id", f"duplicate id {mid!r} (first on line {seen[mid]})")
+        seen[mid] = line
+        deprecated, replacement = c.pattern("deprecated"), c.pattern("replacement")
+        m = Migration(
+            id=mid,
+            library=c.str("library"),
+            old_version=c.str("old_version"),
+            new_version=c.str("new_version"),
+            note=c.str("note"),
+            deprecated=deprecated,
+            replacement=replacement,
+            old_code=c.str("old_code"),
+            new_code=c.str("new_code"),
+            train_contexts=_contexts(c, "train_contexts", MIN_TRAIN_CONTEXTS, deprecated, replacement),
+            probe_contexts=_contexts(c, "probe_contexts", MIN_PROBE_CONTEXTS, deprecated, replacement),
+        )
+        for ctx in m.train_contexts + m.probe_contexts:
+            if ctx.prompt in prompts:
+                raise c.fail("prompt", f"duplicate prompt (also on line {prompts[ctx.prompt]}): {ctx.prompt[:40]!r}")
+            prompts[ctx.prompt] = line
+        out.append(m)
+    if not out:
+        raise DataError(f"{path}: no records")
+    return out
+
+
+def load_locality(path: str | Path = LOCALITY) -> list[LocalitySnippet]:
+    path = Path(path)
+    out: list[LocalitySnippet] = []
+    seen: dict[str, int] = {}
+    prompts: dict[str, int] = {}
+    for line, obj in _records(path):
+        c = _Checker(path, line, obj)
+        sid = c.str("id")
+        if sid in seen:
+            raise c.fail("id", f"duplicate id {sid!r} (first on line {seen[sid]})")
+        seen[sid] = line
+        prompt, completion = c.str("prompt"), c.str("completion")
+        if not prompt.endswith("\n"):
+            raise c.fail("prompt", "must end with a newline")
+        if "\n" in completion:
+            raise c.fail("completion", "must be a single line")
+        if prompt in prompts:
+            raise c.fail("prompt", f"duplicate prompt (also on line {prompts[prompt]})")
+        prompts[prompt] = line
+        out.append(LocalitySnippet(sid, prompt, completion))
+    if not out:
+        raise DataError(f"{path}: no records")
+    return out
+
+
+def file_digest(*paths: str | Path) -> str:
+    """sha256 over the bytes of the given files: keys the testbed cache."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()

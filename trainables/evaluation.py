@@ -1,0 +1,155 @@
+"""The one evaluation every method is scored with, so numbers compare across rows.
+
+Greedy, batched, one line per prompt. Metrics (all in [0, 1]):
+
+- ``efficacy``: train contexts whose completion is API-correct (parses, uses the replacement,
+  no longer uses the deprecated call);
+- ``generalization``: the same on the held-out probe contexts;
+- ``old_api_rate``: probe contexts whose completion still uses the deprecated call;
+- ``locality``: locality prompts completed exactly as the *base* model completes them;
+- ``locality_accuracy``: locality prompts completed exactly as the reference;
+- ``api_correct``, ``syntax_ok``, ``exact_match`` (equals the reference new line) and
+  ``edit_similarity`` (difflib ratio to it): over all migration contexts.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainables.apicheck import check_completion
+
+# Completions are one line of <= 90 characters: ~30 BPE tokens on code; 48 leaves headroom.
+MAX_NEW_TOKENS = 48
+LOCALITY_FLOOR = 0.95  # the objective penalises locality below this (no-forgetting constraint)
+LOCALITY_PENALTY = 4.0  # 1 point of locality below the floor costs 4 points of generalization
+
+
+@dataclass(frozen=True)
+class Prediction:
+    kind: str  # "train" | "probe" | "locality"
+    ref_id: str
+    prompt: str
+    completion: str
+    reference: str
+
+
+def first_line(text: str) -> str:
+    return text.split("\n", 1)[0]
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS,
+             batch_size: int = 64) -> list[str]:
+    """Greedy one-line completions, batched by similar length (left padding)."""
+    import torch
+
+    device = next(model.parameters()).device
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    encoded = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    out: list[str] = [""] * len(prompts)
+    pad = tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                mask[row, width - len(encoded[i]) :] = 1
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            for row, i in enumerate(idx):
+                text = tokenizer.decode(gen[row, width:], skip_special_tokens=True)
+                out[i] = first_line(text)
+    if was_training:
+        model.train()
+    return out
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def objective(metrics: dict) -> float:
+    """Generalization subject to locality: one scalar for the search to maximise."""
+    shortfall = max(0.0, LOCALITY_FLOOR - metrics["locality"])
+    return metrics["generalization"] - LOCALITY_PENALTY * shortfall
+
+
+def evaluate(model, tokenizer, migrations, locality, base_locality: list[str] | None,
+             batch_size: int = 64, max_new_tokens: int = MAX_NEW_TOKENS) -> tuple[dict, list[Prediction]]:
+    """All metrics plus the predictions. ``base_locality``: the base model's locality
+    completions (``None`` when scoring the base model itself: locality is then 1 by definition)."""
+    items: list[tuple[str, object, object]] = []
+    for m in migrations:
+        items += [("train", m, c) for c in m.train_contexts]
+        items += [("probe", m, c) for c in m.probe_contexts]
+    items += [("locality", s, None) for s in locality]
+    prompts = [(c.prompt if c is not None else s.prompt) for _, s, c in items]
+    completions = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+
+    preds: list[Prediction] = []
+    rows: dict[str, list] = {"train": [], "probe": []}
+    loc_pred: list[str] = []
+    for (kind, rec, ctx), comp in zip(items, completions):
+        if kind == "locality":
+            loc_pred.append(comp)
+            preds.append(Prediction(kind, rec.id, rec.prompt, comp, rec.completion))
+            continue
+        chk = check_completion(ctx.prompt, comp, rec.deprecated, rec.replacement)
+        sim = difflib.SequenceMatcher(None, comp, ctx.new).ratio()
+        rows[kind].append((chk, comp == ctx.new, sim))
+        preds.append(Prediction(kind, rec.id, ctx.prompt, comp, ctx.new))
+
+    both = rows["train"] + rows["probe"]
+    if base_locality is None:
+        base_locality = loc_pred
+    metrics = {
+        "efficacy": _mean(c.correct for c, _, _ in rows["train"]),
+        "generalization": _mean(c.correct for c, _, _ in rows["probe"]),
+        "old_api_rate": _mean(c.uses_old for c, _, _ in rows["probe"]),
+        "locality": _mean(p == b for p, b in zip(loc_pred, base_locality)),
+        "locality_accuracy": _mean(p == s.completion for p, s in zip(loc_pred, locality)),
+        "api_correct": _mean(c.correct for c, _, _ in both),
+        "syntax_ok": _mean(c.syntax_ok for c, _, _ in both),
+        "exact_match": _mean(e for _, e, _ in both),
+        "edit_similarity": _mean(s for _, _, s in both),
+        "n_migrations": len(migrations),
+        "n_libraries": len({m.library for m in migrations}),
+        "n_locality": len(locality),
+    }
+    metrics["objective"] = objective(metrics)
+    return metrics, preds
+
+
+def base_locality(model_name: str, locality, load=None) -> list[str]:
+    """The base model's locality completions, cached on disk per model + locality data."""
+    from trainables.models import load_model, resolve
+    from trainables.testbed import cache_root
+
+    resolved = resolve(model_name)
+    key = hashlib.sha256(json.dumps(
+        [resolved, [(s.prompt, s.completion) for s in locality], MAX_NEW_TOKENS]).encode()).hexdigest()[:16]
+    path = cache_root() / "base_locality" / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    model, tokenizer = (load or load_model)(resolved)
+    out = generate(model, tokenizer, [s.prompt for s in locality])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out))
+    tmp.replace(path)
+    return out
