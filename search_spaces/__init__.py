@@ -1,0 +1,1 @@
+"""Optuna define-by-run search spaces, one module per method (distributions only)."""

@@ -1,0 +1,18 @@
+"""Hierarchical LoRA search space: the LoRA space plus the layer range.
+
+Optuna 5's multivariate TPE falls back to independent sampling on dependent ranges such as
+``suggest_int("end", start + 1, L)`` (DESIGN s3), so both bounds are sampled on fixed ranges and
+the end is derived. The span is capped at half the model: hierarchical LoRA is the method that
+updates a deep slice only, with at most half the adapters of standard LoRA at the same rank.
+"""
+from __future__ import annotations
+
+from search_spaces import lora
+
+
+def space(trial, n_layers: int, max_epochs: int = 6) -> dict:
+    fixed = lora.space(trial, n_layers, max_epochs)
+    start = trial.suggest_int("layer_start", 0, n_layers - 1)
+    span = trial.suggest_int("layer_span", 1, max(1, n_layers // 2))
+    fixed.update(hierarchical=True, layer_end=min(start + span, n_layers))
+    return fixed

@@ -1,0 +1,25 @@
+"""Standard LoRA search space (adapters on every layer).
+
+The ranges cover the seed's failure mode on purpose (lr up to 1e-2, clipping off, no warmup):
+the sweep must show those trials diverge or score low instead of guessing them away.
+"""
+from __future__ import annotations
+
+
+def space(trial, n_layers: int, max_epochs: int = 6) -> dict:
+    """Optuna define-by-run space; returns constants that are not searched."""
+    trial.suggest_float("lr", 1e-5, 1e-2, log=True)
+    clip = trial.suggest_categorical("clip", [True, False])
+    trial.suggest_float("warmup_ratio", 0.0, 0.2)
+    trial.suggest_categorical("r", [4, 8, 16])
+    trial.suggest_categorical("alpha", [8.0, 16.0, 32.0])
+    trial.suggest_float("dropout", 0.0, 0.1)
+    trial.suggest_categorical("target", ["qv", "attn", "mlp", "all"])
+    trial.suggest_categorical("schedule", ["linear", "cosine"])
+    trial.suggest_int("epochs", min(2, max_epochs), max_epochs)
+    fixed: dict = {"hierarchical": False}
+    if clip:
+        trial.suggest_float("max_grad_norm", 0.1, 10.0, log=True)
+    else:
+        fixed["max_grad_norm"] = None
+    return fixed

@@ -1,0 +1,1 @@
+"""Sweep entry points (one thin script per method) and the engine they share."""

@@ -1,0 +1,384 @@
+"""The sweep engine shared by every ``sweeps/<method>.py``.
+
+Tuner + seeded OptunaSearch (TPE) + ASHA, MLflow tracking from the driver, resume, a single
+re-run of an exported config. Each sweep script is argparse plus one call: ``main(method)``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+
+from sweeps.methods import METHODS, Method
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_HOME = ROOT / "mlruns"
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line on stderr, exit status 2, nothing written."""
+
+
+# --------------------------------------------------------------------------- arguments
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def build_parser(method: Method) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"sweeps/{method.name}.py",
+        description=f"{method.summary} Optuna (TPE) search under Ray Tune with ASHA early stopping, "
+                    f"tracked in MLflow (experiment '{method.name}').",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--num-samples", type=_positive_int, default=40, help="trials to run in total")
+    p.add_argument("--name", help="sweep name (default: METHOD-YYYYmmdd-HHMMSS); the MLflow parent run's name")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted or failed sweep --name")
+    p.add_argument("--config", help="re-run one exported config (export_best.py YAML) once, no search")
+    p.add_argument("--smoke-test", action="store_true", help="2 trials of 1 epoch: checks the whole path quickly")
+    p.add_argument("--model", default="testbed", help="'testbed' (built locally), a hub id or a local path")
+    p.add_argument("--dataset", help="training migrations (JSONL, data/README.md format); default data/")
+    p.add_argument("--address", help="join an existing Ray cluster (e.g. 'auto' or HOST:6379)")
+    p.add_argument("--storage", help="trial results + checkpoints (a path shared by all nodes on a cluster); "
+                                     "default mlruns/ray_results")
+    p.add_argument("--mlruns", default=str(DEFAULT_HOME), help="MLflow home: mlflow.db + artifacts/")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (e.g. a remote http://server:5000); "
+                                          "default sqlite:///<mlruns>/mlflow.db")
+    p.add_argument("--gpus-per-trial", type=_nonneg_float, default=None,
+                   help="GPUs per trial; 0.5 packs two trials per GPU (default 1 when GPUs exist, else 0)")
+    p.add_argument("--cpus-per-trial", type=_positive_int, default=1, help="CPUs (= torch threads) per trial")
+    p.add_argument("--workers-per-trial", type=_positive_int, default=1,
+                   help="> 1 runs each trial as DDP through a Ray Train TorchTrainer")
+    p.add_argument("--max-concurrent", type=_positive_int, help="trials at once (default: what resources allow)")
+    p.add_argument("--max-failures", type=int, default=2, help="retries of a trial that crashed")
+    p.add_argument("--max-epochs", type=_positive_int, default=6, help="upper bound of the searched epochs (ASHA max_t)")
+    p.add_argument("--multi-objective", action="store_true", help="search the efficacy / locality Pareto front")
+    p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler and of every trial")
+    return p
+
+
+# --------------------------------------------------------------------------- checks
+def check_model(model: str):
+    """Number of layers of --model; one-line error if it does not exist or cannot be read."""
+    from trainables.models import check_model_name, resolve
+
+    try:
+        check_model_name(model)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(resolve(model))
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"--model {model!r}: cannot load its config ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", 0)))
+
+
+def check_dataset(path: str | None) -> None:
+    if path is None:
+        return
+    from trainables.data import DataError, load_migrations
+
+    try:
+        load_migrations(path)
+    except DataError as e:
+        raise UsageError(f"--dataset: {e}") from None
+
+
+def load_config_file(path: str, method: Method) -> tuple[dict, dict]:
+    """(config, provenance) from an export_best.py YAML; one-line errors for bad files."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"--config {path}: cannot read it as YAML ({first})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict):
+        raise UsageError(f"--config {path}: expected a mapping with a 'config' mapping (export_best.py format)")
+    if doc.get("method", method.name) != method.name:
+        raise UsageError(f"--config {path}: exported for method {doc['method']!r}, not {method.name!r}")
+    cls = method.load_config_cls()
+    from trainables.common import config_from_dict
+
+    try:
+        config_from_dict(cls, {**method.fixed, **doc["config"]})
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--config {path}: {e}") from None
+    return dict(doc["config"]), dict(doc.get("provenance") or {})
+
+
+def check_writable(home: Path) -> None:
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        probe = home / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"MLflow home {home} is not writable ({e.strerror or e})") from None
+
+
+# --------------------------------------------------------------------------- Optuna glue
+def make_searcher(method: Method, n_layers: int, max_epochs: int, metric, mode, seed: int):
+    import optuna
+    from optuna.trial import TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    class PrunedAwareOptunaSearch(OptunaSearch):
+        """Tell ASHA-stopped trials to Optuna as PRUNED, not COMPLETE with a truncated metric,
+        which would bias TPE towards configs that merely look good early (DESIGN s3)."""
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            if (not error and result and not isinstance(self.metric, list) and not result.get("final")
+                    and trial_id in self._ot_trials and trial_id not in self._completed_trials):
+                self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+                self._completed_trials.add(trial_id)
+                return
+            super().on_trial_complete(trial_id, result, error)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=8)
+    space = partial(method.load_space(), n_layers=n_layers, max_epochs=max_epochs)
+    return PrunedAwareOptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler, seed=seed)
+
+
+# --------------------------------------------------------------------------- Ray
+def init_ray(args) -> dict:
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # snapshot often: less to redo after a crash
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    if not args.address:
+        # A private single-machine Ray: token auth only adds a warning at every start (DESIGN s5).
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "TOKENIZERS_PARALLELISM": "false"}
+    for var in ("APIUPDATE_CACHE", "APIUPDATE_DATA_DIR", "APIUPDATE_TESTBED"):
+        if var in os.environ:
+            env[var] = os.environ[var]
+    kwargs = dict(include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": env},
+                  configure_logging=True, logging_level="WARNING")
+    if args.address:
+        ray.init(address=args.address, **kwargs)
+    elif not ray.is_initialized():
+        ray.init(**kwargs)
+    return ray.cluster_resources()
+
+
+def max_gpus_per_node() -> float:
+    import ray
+
+    return max((n.get("Resources", {}).get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+
+
+# --------------------------------------------------------------------------- main
+def main(method_name: str, argv: list[str] | None = None) -> int:
+    method = METHODS[method_name]
+    args = build_parser(method).parse_args(argv)
+    try:
+        return _run(method, args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: resume with  python sweeps/{method.name}.py --resume --name {args.name}",
+              file=sys.stderr)
+        return 130
+
+
+def _run(method: Method, args) -> int:
+    if args.resume and not args.name:
+        raise UsageError("--resume needs --name NAME of the sweep to continue")
+    if args.resume and args.config:
+        raise UsageError("--resume and --config cannot be combined")
+    home = Path(args.mlruns).expanduser().resolve()
+    storage = Path(args.storage).expanduser().resolve() if args.storage else home / "ray_results"
+    if args.resume:
+        from ray.tune import Tuner
+
+        if not Tuner.can_restore(str(storage / args.name)):
+            raise UsageError(f"--resume: no sweep named {args.name!r} in {storage}")
+    rerun_config, provenance = (load_config_file(args.config, method) if args.config else (None, {}))
+    check_dataset(args.dataset)
+    model = (rerun_config or {}).get("model", args.model)
+    n_layers = check_model(model)
+    if rerun_config is not None:
+        from trainables.common import config_from_dict
+
+        try:
+            config_from_dict(method.load_config_cls(), {**method.fixed, **rerun_config}).layer_range(n_layers)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--config {args.config}: {e}") from None
+    if args.tracking_uri is None:
+        check_writable(home)
+    name = args.name or f"{method.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    if rerun_config is not None and not args.name:
+        name = f"{method.name}-rerun-{datetime.now():%Y%m%d-%H%M%S}"
+    if not args.resume and (storage / name).exists():
+        raise UsageError(f"a sweep named {name!r} already exists in {storage}: use --resume or another --name")
+
+    resources = init_ray(args)
+    gpus_here = max_gpus_per_node()
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if gpus_here >= 1 else 0.0)
+    if gpus > 0 and gpus > max(gpus_here, 0.0):
+        raise UsageError(f"--gpus-per-trial {gpus:g}: no node offers that many GPUs (largest: {gpus_here:g})")
+    if gpus > 1 and gpus != int(gpus):
+        raise UsageError("--gpus-per-trial above 1 must be a whole number")
+    cpus = args.cpus_per_trial
+    workers = args.workers_per_trial
+    if workers > 1:
+        trial_resources = {"cpu": 0.01}  # the Tune function only drives the TorchTrainer (DESIGN s5)
+        slots_cpu = int(resources.get("CPU", 1) // (cpus * workers)) or 1
+    else:
+        trial_resources = {"cpu": cpus, "gpu": gpus}
+        slots_cpu = int(resources.get("CPU", 1) // cpus) or 1
+    slots = slots_cpu
+    if gpus > 0:  # each DDP worker takes its own GPU share
+        slots = min(slots, int(resources.get("GPU", 0) // (gpus * workers)) or 1)
+    concurrent = args.max_concurrent or max(1, slots)
+
+    # Build the testbed and the base model's locality completions once, in the driver,
+    # so trials only read caches.
+    from trainables.data import load_locality
+    from trainables.evaluation import base_locality
+
+    base_locality(model, load_locality())
+
+    from sweeps.tracking import MlflowTracker, client_for, experiment_id, find_parent, mlflow_home_uri
+
+    tracking_uri, artifact_root = mlflow_home_uri(home)
+    tracking_uri = args.tracking_uri or tracking_uri
+    client = client_for(tracking_uri)
+    exp_id = experiment_id(client, method.name, artifact_root)
+
+    fixed = {**method.fixed, "model": model, "threads": cpus, "workers": workers, "use_gpu": gpus > 0,
+             "seed": args.seed, "_storage_path": str(storage)}
+    if args.dataset:
+        fixed["dataset"] = str(Path(args.dataset).resolve())
+
+    from ray import tune
+
+    trainable = tune.with_resources(method.load_trainable(), trial_resources)
+    if rerun_config is not None:
+        # The exported config wins, except where this machine's resources are concerned.
+        here = {k: fixed[k] for k in ("threads", "workers", "use_gpu", "_storage_path")}
+        return _rerun(method, args, name, {**method.fixed, **rerun_config, **here}, provenance, trainable, storage,
+                      client, exp_id, tracking_uri, artifact_root)
+
+    parent = find_parent(client, exp_id, name)
+    if parent is None:
+        parent_id = client.create_run(exp_id, run_name=name, tags={
+            "sweep": name, "kind": "sweep", "method": method.name}).info.run_id
+        from mlflow.entities import Param
+
+        client.log_batch(parent_id, params=[Param(k, str(v)) for k, v in {
+            "num_samples": args.num_samples, "model": model, "dataset": args.dataset or "data/",
+            "seed": args.seed, "cpus_per_trial": cpus, "gpus_per_trial": gpus,
+            "workers_per_trial": workers, "max_epochs": args.max_epochs,
+            "multi_objective": args.multi_objective, "smoke_test": args.smoke_test}.items()])
+    else:
+        parent_id = parent.info.run_id
+        client.update_run(parent_id, status="RUNNING")
+    tracker = MlflowTracker(tracking_uri, artifact_root, method.name, name, parent_id)
+
+    max_epochs = 1 if args.smoke_test else args.max_epochs
+    num_samples = 2 if args.smoke_test else args.num_samples
+    if args.multi_objective:
+        metric, mode = ["efficacy", "locality"], ["max", "max"]
+        scheduler = None
+    else:
+        from ray.tune.schedulers import ASHAScheduler
+
+        metric, mode = "objective", "max"
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode,
+                                  max_t=max_epochs, grace_period=1, reduction_factor=3)
+    searcher = make_searcher(method, n_layers, max_epochs, metric, mode, args.seed)
+    run_config = tune.RunConfig(
+        name=name, storage_path=str(storage), callbacks=[tracker],
+        failure_config=tune.FailureConfig(max_failures=args.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        verbose=1,
+    )
+    tune_kwargs = {"trial_dirname_creator": _trial_dirname}
+    t0 = time.time()
+    if args.resume:
+        tuner = tune.Tuner.restore(str(storage / name), trainable=trainable, resume_errored=True,
+                                   param_space=fixed)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=fixed,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
+                                        max_concurrent_trials=concurrent, **tune_kwargs),
+            run_config=run_config,
+        )
+    print(f"sweep {name}: {num_samples} trials of {method.name} on {model} ({n_layers} layers), "
+          f"{concurrent} at once, {cpus} CPU + {gpus:g} GPU per trial; MLflow {tracking_uri}", flush=True)
+    results = tuner.fit()
+    trials = results._experiment_analysis.trials  # Trial objects, errored ones included
+    removed = tracker.reconcile(trials)
+    if removed:
+        print(f"removed {removed} MLflow run(s) of trials lost in an earlier crash")
+    from sweeps import report
+
+    summary = report.summarise(method, results, metric, args.multi_objective)
+    report.finish_parent(client, parent_id, storage / name, summary, home, method.name)
+    client.set_terminated(parent_id, "FINISHED")
+    report.print_summary(method, name, summary, time.time() - t0)
+    return 0
+
+
+def _trial_dirname(trial) -> str:
+    """Short trial folders (Ray's default embeds the whole config in the path)."""
+    return f"trial_{trial.trial_id}"
+
+
+def _rerun(method, args, name, config, provenance, trainable, storage, client, exp_id, tracking_uri,
+           artifact_root) -> int:
+    from ray import tune
+
+    from sweeps.tracking import MlflowTracker
+
+    tags = {"rerun_of_sweep": str(provenance.get("sweep", "")), "rerun_of_trial": str(provenance.get("trial_id", "")),
+            "rerun_config": args.config}
+    tracker = MlflowTracker(tracking_uri, artifact_root, method.name, name, None, extra_tags=tags)
+    tuner = tune.Tuner(trainable, param_space=config,
+                       tune_config=tune.TuneConfig(num_samples=1, trial_dirname_creator=_trial_dirname),
+                       run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=[tracker],
+                                                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                                                 verbose=1))
+    res = tuner.fit()[0]
+    if res.error:
+        print(f"error: the re-run failed: {res.error}", file=sys.stderr)
+        return 1
+    m = res.metrics or {}
+    keys = ["objective", "efficacy", "generalization", "locality", "old_api_rate", "trainable_params",
+            "trial_seconds", "trial_status"]
+    print(f"re-run of {args.config} finished; MLflow run {name} in experiment {method.name}:")
+    print(json.dumps({k: m.get(k) for k in keys}))
+    return 0

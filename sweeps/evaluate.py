@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""Score a model (and optionally a LoRA adapter) with the shared evaluation.
+
+    python sweeps/evaluate.py --model testbed --json
+    python sweeps/evaluate.py --model testbed --adapter PATH
+"""
+import argparse
+import json
+import pathlib
+import sys
+
+sys.path[0] = str(pathlib.Path(__file__).resolve().parent.parent)  # the project root, not sweeps/
+
+ORDER = ["efficacy", "generalization", "old_api_rate", "locality", "locality_accuracy", "api_correct",
+         "syntax_ok", "exact_match", "edit_similarity", "objective", "n_migrations", "n_libraries", "n_locality"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="sweeps/evaluate.py", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="testbed", help="'testbed', a hub id or a local path")
+    p.add_argument("--adapter", help="a PEFT adapter folder to apply on top of --model")
+    p.add_argument("--migrations", help="migrations JSONL (default data/migrations.jsonl)")
+    p.add_argument("--locality", help="locality JSONL (default data/locality.jsonl)")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object on the last line")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    args = p.parse_args(argv)
+
+    from trainables import data
+    from trainables.models import check_model_name
+
+    try:
+        check_model_name(args.model)
+        if args.adapter and not pathlib.Path(args.adapter, "adapter_config.json").is_file():
+            raise ValueError(f"--adapter {args.adapter!r}: no adapter_config.json there")
+        migrations = data.load_migrations(args.migrations or data.MIGRATIONS)
+        locality = data.load_locality(args.locality or data.LOCALITY)
+    except (ValueError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import time
+
+    from trainables.common import set_threads
+    from trainables.evaluation import base_locality, evaluate
+    from trainables.models import load_model
+
+    set_threads(args.threads)
+    t0 = time.time()
+    base = base_locality(args.model, locality)
+    model, tokenizer = load_model(args.model)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+    metrics, _ = evaluate(model, tokenizer, migrations, locality, base if args.adapter else None)
+    metrics["seconds"] = round(time.time() - t0, 1)
+    if args.json:
+        print(json.dumps({k: metrics[k] for k in ORDER + ["seconds"]}))
+    else:
+        for k in ORDER + ["seconds"]:
+            v = metrics[k]
+            print(f"{k:>18}  {v:.3f}" if isinstance(v, float) else f"{k:>18}  {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

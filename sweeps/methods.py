@@ -1,0 +1,52 @@
+"""The one dict at the edge: method name -> (config class, trainable, search space, fixed values).
+
+One name per method everywhere: ``sweeps/<name>.py``, the search space module, the MLflow
+experiment. ``tests/test_methods.py`` checks this dict against the files in ``sweeps/``.
+Entries are import paths so that ``--help`` does not import torch.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config_cls: str  # "module:Class"
+    trainable: str  # "module:function" (Ray Tune function trainable)
+    run_once: str  # "module:function" (Ray-free single run)
+    space: str  # "module:function" (Optuna define-by-run)
+    fixed: dict = field(default_factory=dict)  # constants for every trial of this method
+    summary: str = ""
+
+    @staticmethod
+    def _load(path: str):
+        mod, _, attr = path.partition(":")
+        return getattr(importlib.import_module(mod), attr)
+
+    def load_config_cls(self):
+        return self._load(self.config_cls)
+
+    def load_trainable(self):
+        return self._load(self.trainable)
+
+    def load_run_once(self):
+        return self._load(self.run_once)
+
+    def load_space(self):
+        return self._load(self.space)
+
+
+METHODS: dict[str, Method] = {
+    "lora": Method(
+        "lora", "trainables.lora:LoraTrainConfig", "trainables.lora:trainable", "trainables.lora:run_once",
+        "search_spaces.lora:space", {"hierarchical": False},
+        "LoRA adapters on every layer.",
+    ),
+    "hier_lora": Method(
+        "hier_lora", "trainables.lora:LoraTrainConfig", "trainables.lora:trainable", "trainables.lora:run_once",
+        "search_spaces.hier_lora:space", {"hierarchical": True},
+        "Hierarchical LoRA: adapters on a searched range of layers only.",
+    ),
+}

@@ -1,0 +1,125 @@
+"""End of a sweep: pick the best trial, write plots and the best config to the parent run, print."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from sweeps.methods import Method
+from sweeps.tracking import trial_status
+
+SHOW = ["objective", "efficacy", "generalization", "locality", "old_api_rate", "locality_accuracy",
+        "trainable_params", "trial_seconds"]
+
+
+def _row(r) -> dict:
+    m = r.metrics or {}
+    return {"trial_id": m.get("trial_id"), "status": trial_status(m, r.error is not None),
+            "config": {k: v for k, v in (r.config or {}).items() if not k.startswith("_")},
+            **{k: m.get(k) for k in SHOW}}
+
+
+def pareto(rows: list[dict], keys=("efficacy", "locality")) -> list[dict]:
+    def dominated(a, b):  # b dominates a
+        return all(b[k] >= a[k] for k in keys) and any(b[k] > a[k] for k in keys)
+
+    done = [r for r in rows if r["status"] == "completed"]
+    return [a for a in done if not any(dominated(a, b) for b in done if b is not a)]
+
+
+def summarise(method: Method, results, metric, multi_objective: bool) -> dict:
+    rows = [_row(r) for r in results]
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    completed = [r for r in rows if r["status"] == "completed" and r["objective"] is not None]
+    best = max(completed, key=lambda r: (r["objective"], -(r["trainable_params"] or 0)), default=None)
+    return {"rows": rows, "counts": counts, "best": best,
+            "pareto": pareto(rows) if multi_objective else []}
+
+
+def _plots(experiment_dir: Path, out: Path) -> list[Path]:
+    """Optuna history / importances / parallel coordinates from the searcher's saved study."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as ovm
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch()
+    try:
+        searcher.restore_from_dir(str(experiment_dir))
+        study = searcher._ot_study
+    except Exception as e:  # noqa: BLE001 - plots are a bonus, never fail the sweep for them
+        print(f"no Optuna plots: {e}")
+        return []
+    paths = []
+    for name, fn in (("optuna_history", ovm.plot_optimization_history),
+                     ("optuna_importances", ovm.plot_param_importances),
+                     ("optuna_parallel_coordinates", ovm.plot_parallel_coordinate)):
+        try:
+            if study._is_multi_objective():
+                ax = fn(study, target=lambda t: t.values[0], target_name="efficacy")
+            else:
+                ax = fn(study)
+            fig = (ax[0] if hasattr(ax, "__len__") else ax).figure
+            fig.set_size_inches(10, 6)
+            fig.tight_layout()
+            p = out / f"{name}.png"
+            fig.savefig(p, dpi=90)
+            plt.close(fig)
+            paths.append(p)
+        except Exception as e:  # noqa: BLE001
+            print(f"plot {name} skipped: {type(e).__name__}: {e}")
+    return paths
+
+
+def finish_parent(client, parent_id: str, experiment_dir: Path, summary: dict, home: Path, method: str) -> None:
+    import yaml
+
+    best = summary["best"]
+    for k, v in summary["counts"].items():
+        client.log_metric(parent_id, f"trials_{k}", v)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for p in _plots(experiment_dir, tmp):
+            client.log_artifact(parent_id, str(p), "plots")
+        if best:
+            for k in ("objective", "efficacy", "generalization", "locality", "trainable_params"):
+                if best.get(k) is not None:
+                    client.log_metric(parent_id, f"best_{k}", float(best[k]))
+            client.set_tag(parent_id, "best_trial_id", best["trial_id"])
+            (tmp / "best_config.yaml").write_text(yaml.safe_dump(
+                {"method": method, "config": best["config"], "metrics": {k: best[k] for k in best if k in
+                 ("objective", "efficacy", "generalization", "locality", "old_api_rate", "locality_accuracy",
+                  "trainable_params")}}, sort_keys=False))
+            client.log_artifact(parent_id, str(tmp / "best_config.yaml"))
+        (tmp / "trials.json").write_text(json.dumps(summary["rows"], default=str, indent=1))
+        client.log_artifact(parent_id, str(tmp / "trials.json"))
+        if summary["pareto"]:
+            (tmp / "pareto.json").write_text(json.dumps(summary["pareto"], default=str, indent=1))
+            client.log_artifact(parent_id, str(tmp / "pareto.json"))
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def print_summary(method: Method, name: str, summary: dict, seconds: float) -> None:
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(summary["counts"].items()))
+    print(f"\n== sweep {name} finished in {seconds:.0f}s: {counts}")
+    best = summary["best"]
+    if summary["pareto"]:
+        print("Pareto front (efficacy, locality):")
+        for r in sorted(summary["pareto"], key=lambda r: -r["efficacy"]):
+            print(f"  {r['trial_id']}: efficacy {_fmt(r['efficacy'])} locality {_fmt(r['locality'])} "
+                  f"generalization {_fmt(r['generalization'])}")
+    if not best:
+        print("no trial completed")
+        return
+    print(f"best trial {best['trial_id']}: " + "  ".join(f"{k} {_fmt(best[k])}" for k in SHOW if best.get(k) is not None))
+    print("best config:")
+    for k, v in best["config"].items():
+        print(f"  {k}: {v}")
+    print(f"export it:  python sweeps/export_best.py {method.name} --name {name} --out best.yaml")

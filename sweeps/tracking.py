@@ -1,0 +1,206 @@
+"""MLflow tracking, written from the driver only.
+
+SQLite allows one writer at a time (DESIGN s3), so no trial process writes to MLflow: this
+Tune callback, in the driver, makes one parent run per sweep (run name = sweep name) and one
+child run per trial (tags ``mlflow.parentRunId``, ``trial_id``, ``trial_status``), logs params,
+per-epoch metrics, final metrics and artifacts. Child runs are found again by their
+``trial_id`` tag, so a resumed sweep keeps writing to the same runs and never duplicates one;
+:meth:`MlflowTracker.reconcile` removes runs of trials that the resumed sweep no longer has.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from ray.tune import Callback
+
+from trainables.common import STATUS_COMPLETED, STATUS_DIVERGED, STATUS_FAILED, STATUS_PRUNED
+
+TERMINAL = {"FINISHED", "FAILED", "KILLED"}
+
+
+def mlflow_home_uri(home: Path) -> tuple[str, str]:
+    """(tracking URI, artifact root URI) for an MLflow home folder."""
+    home = home.resolve()
+    return f"sqlite:///{home / 'mlflow.db'}", (home / "artifacts").as_uri()
+
+
+def client_for(tracking_uri: str):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri)
+
+
+def experiment_id(client, name: str, artifact_root: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    kwargs = {"artifact_location": f"{artifact_root}/{name}"} if artifact_root else {}
+    return client.create_experiment(name, **kwargs)
+
+
+def find_parent(client, exp_id: str, sweep: str):
+    runs = client.search_runs([exp_id], filter_string=f"tags.sweep = '{sweep}' and tags.kind = 'sweep'",
+                              max_results=1)
+    return runs[0] if runs else None
+
+
+def children(client, exp_id: str, parent_id: str) -> list:
+    return client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+                              max_results=50000)
+
+
+def trial_status(result: dict | None, errored: bool) -> str:
+    if errored:
+        return STATUS_FAILED
+    if not result:
+        return STATUS_PRUNED
+    if result.get("trial_status") == STATUS_DIVERGED:
+        return STATUS_DIVERGED
+    return STATUS_COMPLETED if result.get("final") else STATUS_PRUNED
+
+
+def _numeric(d: dict) -> dict[str, float]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, bool):
+            v = float(v)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            out[k] = float(v)
+    return out
+
+
+def _params(config: dict) -> dict[str, str]:
+    return {k: str(v)[:500] for k, v in config.items() if not k.startswith("_")}
+
+
+class MlflowTracker(Callback):
+    def __init__(self, tracking_uri: str, artifact_root: str, method: str, sweep: str,
+                 parent_run_id: str | None, extra_tags: dict | None = None):
+        self.tracking_uri, self.artifact_root = tracking_uri, artifact_root
+        self.method, self.sweep, self.parent_run_id = method, sweep, parent_run_id
+        self.extra_tags = extra_tags or {}
+        self._client = None
+        self._exp_id: str | None = None
+        self._runs: dict[str, str] = {}  # trial_id -> run_id
+
+    # The callback is pickled with the Tuner's state; the client is made lazily in each process.
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_client"], d["_runs"] = None, {}
+        return d
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = client_for(self.tracking_uri)
+            self._exp_id = experiment_id(self._client, self.method, self.artifact_root)
+        return self._client
+
+    def _retry(self, fn, *args, **kwargs):
+        """SQLite says 'database is locked' when another sweep writes at the same moment."""
+        for attempt in range(8):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                if "locked" not in str(e).lower() or attempt == 7:
+                    raise
+                time.sleep(0.2 * 2**attempt)
+
+    def run_id(self, trial) -> str:
+        tid = trial.trial_id
+        if tid in self._runs:
+            return self._runs[tid]
+        client = self.client
+        filt = f"tags.trial_id = '{tid}' and tags.sweep = '{self.sweep}'"
+        found = self._retry(client.search_runs, [self._exp_id], filter_string=filt, max_results=10)
+        if found:
+            run_id = found[0].info.run_id
+            for dup in found[1:]:  # never keep duplicates of one trial
+                self._retry(client.delete_run, dup.info.run_id)
+            if found[0].info.status != "RUNNING":
+                self._retry(client.update_run, run_id, status="RUNNING")
+        else:
+            tags = {"trial_id": tid, "sweep": self.sweep, "kind": "trial", "method": self.method,
+                    "trial_status": "running", **self.extra_tags}
+            if self.parent_run_id:
+                tags["mlflow.parentRunId"] = self.parent_run_id
+            run = self._retry(client.create_run, self._exp_id, run_name=f"{self.sweep}/{tid}", tags=tags)
+            run_id = run.info.run_id
+            from mlflow.entities import Param
+
+            self._retry(client.log_batch, run_id,
+                        params=[Param(k, v) for k, v in _params(trial.config).items()])
+        self._runs[tid] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.run_id(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from mlflow.entities import Metric
+
+        run_id = self.run_id(trial)
+        step = int(result.get("training_iteration", 0))
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in _numeric(result).items()
+                   if k not in ("time_this_iter_s", "timestamp", "pid", "done", "time_since_restore",
+                                "iterations_since_restore", "time_total_s")]
+        self._retry(self.client.log_batch, run_id, metrics=metrics)
+
+    def _finish(self, trial, errored: bool) -> None:
+        run_id = self.run_id(trial)
+        result = trial.last_result or {}
+        status = trial_status(result, errored)
+        client = self.client
+        self._retry(client.set_tag, run_id, "trial_status", status)
+        self._retry(client.set_tag, run_id, "config_json",
+                    json.dumps({k: v for k, v in trial.config.items() if not k.startswith("_")}, default=str))
+        if result.get("diverged_reason"):
+            self._retry(client.set_tag, run_id, "diverged_reason", str(result["diverged_reason"])[:4000])
+        if errored and getattr(trial, "error_file", None):
+            try:
+                err = Path(trial.error_file).read_text()[-4000:]
+            except OSError:
+                err = "see the trial's error.txt"
+            self._retry(client.set_tag, run_id, "error", err)
+            self._retry(client.set_tag, run_id, "failure_reason", err.strip().splitlines()[-1][:500] if err.strip() else "")
+        ckpt = getattr(trial, "checkpoint", None)
+        if ckpt is not None and getattr(ckpt, "path", None):
+            self._retry(client.set_tag, run_id, "checkpoint_path", ckpt.path)
+            for name in ("predictions.json", "config.json"):
+                p = Path(ckpt.path, name)
+                if p.is_file():
+                    try:
+                        self._retry(client.log_artifact, run_id, str(p))
+                    except Exception as e:  # noqa: BLE001 - artifacts are secondary to the record
+                        print(f"mlflow: could not log {p}: {e}")
+        self._retry(client.set_terminated, run_id, "FAILED" if errored else "FINISHED")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finish(trial, errored=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finish(trial, errored=True)
+
+    def reconcile(self, trials) -> int:
+        """Delete child runs of trials the sweep no longer has (lost in a crash before Ray
+        recorded them) and close any still marked RUNNING. Returns how many were removed."""
+        if not self.parent_run_id:
+            return 0
+        known = {t.trial_id: t for t in trials}
+        removed = 0
+        for run in children(self.client, self._exp_id, self.parent_run_id):
+            tid = run.data.tags.get("trial_id")
+            if tid not in known:
+                self._retry(self.client.delete_run, run.info.run_id)
+                removed += 1
+            elif run.info.status == "RUNNING":
+                t = known[tid]
+                if t.status in ("TERMINATED", "ERROR"):
+                    self._finish(t, errored=t.status == "ERROR")
+        return removed

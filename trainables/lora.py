@@ -1,0 +1,306 @@
+"""LoRA and hierarchical LoRA (adapters on layers [layer_start, layer_end) only): one loop.
+
+The loop is AdamW with a linear or cosine schedule after ``warmup_ratio`` of the steps, optional
+``max_grad_norm`` clipping, gradient accumulation, and the divergence guard: a non-finite loss or
+gradient norm ends the trial at once with ``trial_status = diverged``. It reports once per epoch
+with a checkpoint (adapter + optimizer + scheduler + step + RNG) so a resumed trial continues
+where it stopped, and finishes with the shared evaluation.
+
+Single-worker trials run in-process in the Tune function; ``workers > 1`` starts a Ray Train
+``TorchTrainer`` (DDP) per trial that runs the very same loop (DESIGN s3: ~27 s of start-up per
+trial, so only when asked).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from trainables.common import (
+    DIVERGED_OBJECTIVE, STATUS_COMPLETED, STATUS_DIVERGED, Diverged, Reporter, check_finite,
+    config_from_dict, local_reporter, set_threads, tune_reporter,
+)
+
+TARGETS = ("qv", "attn", "mlp", "all")
+
+
+@dataclass
+class LoraTrainConfig:
+    """One LoRA / hierarchical-LoRA run. Defaults: LoRA paper (Hu et al. 2022) where it gives
+    one, otherwise values that trained the testbed stably."""
+
+    # Sampled by the search space only to derive a field: clip -> max_grad_norm None,
+    # layer_span -> layer_end (Optuna needs fixed ranges, DESIGN s3).
+    SEARCH_ONLY: ClassVar[tuple[str, ...]] = ("clip", "layer_span")
+
+    model: str = "testbed"
+    dataset: str | None = None  # training migrations (our JSONL or ReCode); None = data/
+    hierarchical: bool = False
+    layer_start: int = 0  # hierarchical only: adapters on layers [layer_start, layer_end)
+    layer_end: int | None = None  # None = the model's last layer + 1
+    r: int = 8  # LoRA rank; the paper found r=4..8 enough for GPT-3 adaptation
+    alpha: float = 16.0  # scale alpha/r; alpha = 2r is the common default
+    dropout: float = 0.05
+    target: str = "qv"  # qv (the paper's choice), attn, mlp or all projections
+    lr: float = 1.0e-3
+    max_grad_norm: float | None = 1.0  # None = no clipping (the seed's failure mode)
+    warmup_ratio: float = 0.06
+    schedule: str = "linear"  # linear | cosine
+    weight_decay: float = 0.0
+    epochs: int = 4
+    batch_size: int = 16
+    grad_accum: int = 1  # optimizer step every grad_accum micro-batches
+    seed: int = 0
+    threads: int = 1  # torch intra-op threads (= the trial's CPUs)
+    workers: int = 1  # > 1: DDP through a Ray Train TorchTrainer
+    use_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None (off), got {self.max_grad_norm}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.schedule not in ("linear", "cosine"):
+            raise ValueError(f"schedule must be linear or cosine, got {self.schedule!r}")
+        if self.r < 1 or self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("r, epochs, batch_size and grad_accum must be >= 1")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def layer_range(self, n_layers: int) -> tuple[int, int]:
+        """[start, end) checked against the model; standard LoRA covers every layer."""
+        if not self.hierarchical:
+            return 0, n_layers
+        end = n_layers if self.layer_end is None else self.layer_end
+        if not 0 <= self.layer_start < end <= n_layers:
+            raise ValueError(
+                f"layer range [{self.layer_start}, {end}) is outside the model's {n_layers} layers: "
+                f"use 0 <= layer_start < layer_end <= {n_layers}"
+            )
+        return self.layer_start, end
+
+
+def attach_lora(model, cfg: LoraTrainConfig):
+    """Wrap ``model`` with PEFT LoRA on the configured projections and layer range."""
+    from peft import LoraConfig, get_peft_model
+
+    from trainables.models import arch_facts, num_layers
+
+    facts = arch_facts(model.config)
+    start, end = cfg.layer_range(num_layers(model))
+    modules = {
+        "qv": [m for m in facts.attn if m in ("q_proj", "v_proj", "c_attn", "qkv_proj")],
+        "attn": list(facts.attn),
+        "mlp": list(facts.mlp),
+        "all": list(dict.fromkeys(facts.attn + facts.mlp)),
+    }[cfg.target]
+    lcfg = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=modules,
+        layers_to_transform=list(range(start, end)),
+        layers_pattern=facts.layers.rsplit(".", 1)[-1],
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lcfg)
+
+
+def training_examples(tokenizer, dataset: str | None, max_length: int = 128) -> list[tuple[list[int], int]]:
+    """(ids, n_prompt) for each train context's prompt + new line (loss on the new line only)."""
+    from trainables.data import MIGRATIONS, load_migrations
+    from trainables.testbed import encode_pair
+
+    migrations = load_migrations(dataset or MIGRATIONS)
+    return [encode_pair(tokenizer, c.prompt, c.new, max_length)
+            for m in migrations for c in m.train_contexts]
+
+
+def _batch(examples, pad_id):
+    import torch
+
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (ex, n_prompt) in enumerate(examples):
+        ids[i, : len(ex)] = torch.tensor(ex)
+        labels[i, n_prompt : len(ex)] = torch.tensor(ex[n_prompt:])
+        mask[i, : len(ex)] = 1
+    return ids, mask, labels
+
+
+def trainable_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _save(path: Path, model, opt, sched, step: int, epoch: int, rng: random.Random) -> None:
+    import torch
+
+    path.mkdir(parents=True, exist_ok=True)
+    adapter = {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
+    torch.save(adapter, path / "adapter.pt")
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "step": step, "epoch": epoch,
+                "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, path / "state.pt")
+
+
+def _load(path: Path, model, opt, sched, rng: random.Random) -> tuple[int, int] | None:
+    """Restore a checkpoint; None when it is missing, half-written or corrupt (start afresh)."""
+    import torch
+
+    try:
+        adapter = torch.load(path / "adapter.pt", weights_only=True)
+        state = torch.load(path / "state.pt", weights_only=False)
+        params = dict(model.named_parameters())
+        if set(adapter) != {k for k, v in params.items() if v.requires_grad}:
+            raise ValueError("adapter keys do not match the model")
+        with torch.no_grad():
+            for k, v in adapter.items():
+                params[k].copy_(v)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        return int(state["step"]), int(state["epoch"])
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint means: start from scratch
+        print(f"checkpoint in {path} is unusable ({type(e).__name__}: {e}); restarting the trial from scratch",
+              flush=True)
+        return None
+
+
+def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adapter_out: str | None = None) -> dict:
+    """Train, report each epoch, evaluate; returns the final metrics.
+
+    ``eval_data``: (migrations, locality, base_locality) to score with; loaded from data/ when None.
+    """
+    import torch
+    from transformers import get_scheduler
+
+    from trainables.data import load_locality, load_migrations
+    from trainables.evaluation import base_locality, evaluate
+    from trainables.models import load_model, num_layers
+
+    set_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t_start = time.time()
+    device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_model(cfg.model, device=device)
+    cfg.layer_range(num_layers(model))  # fail fast on a bad range
+    model = attach_lora(model, cfg)
+    n_trainable = trainable_parameters(model)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+
+    examples = training_examples(tokenizer, cfg.dataset)
+    if distributed:  # each rank takes every world_size-th example
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        examples = examples[rank::world]
+    steps_per_epoch = math.ceil(math.ceil(len(examples) / cfg.batch_size) / cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                          num_training_steps=total_steps)
+    rng = random.Random(cfg.seed)
+    step, epoch0 = 0, 0
+    restored = reporter.restore()
+    if restored:
+        got = _load(Path(restored), model, opt, sched, rng)
+        if got:
+            step, epoch0 = got
+            print(f"resumed from checkpoint at step {step}, epoch {epoch0}", flush=True)
+
+    if eval_data is None:
+        migrations, locality = load_migrations(), load_locality()
+        eval_data = (migrations, locality, base_locality(cfg.model, locality))
+    migrations, locality, base_loc = eval_data
+
+    def run_eval() -> tuple[dict, list]:
+        return evaluate(model, tokenizer, migrations, locality, base_loc)
+
+    common = {"trainable_params": n_trainable, "total_steps": total_steps}
+    metrics: dict = {}
+    last_loss = float("nan")
+    try:
+        for epoch in range(epoch0, cfg.epochs):
+            model.train()
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+            batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+            losses = []
+            for b0 in range(0, len(batches), cfg.grad_accum):
+                group = batches[b0 : b0 + cfg.grad_accum]
+                opt.zero_grad(set_to_none=True)
+                loss_sum = 0.0
+                for idx in group:
+                    ids, mask, labels = (t.to(device) for t in _batch([examples[i] for i in idx], tokenizer.pad_token_id))
+                    loss = train_model(input_ids=ids, attention_mask=mask, labels=labels).loss / len(group)
+                    loss.backward()
+                    loss_sum += loss.item()
+                params = [p for p in model.parameters() if p.requires_grad]
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
+                check_finite(step, loss_sum, grad_norm)
+                opt.step()
+                sched.step()
+                step += 1
+                losses.append(loss_sum)
+            last_loss = sum(losses) / max(1, len(losses))
+            final = epoch == cfg.epochs - 1
+            metrics, preds = run_eval()
+            metrics.update(common, train_loss=last_loss, epoch=epoch + 1, step=step, lr_now=sched.get_last_lr()[0],
+                           trial_seconds=time.time() - t_start, final=final,
+                           trial_status=STATUS_COMPLETED if final else "running")
+            ckpt = tempfile.mkdtemp(prefix="ckpt-")
+            try:
+                _save(Path(ckpt), model, opt, sched, step, epoch + 1, rng)
+                if final:
+                    Path(ckpt, "predictions.json").write_text(json.dumps([asdict(p) for p in preds[:200]]))
+                    Path(ckpt, "config.json").write_text(json.dumps(asdict(cfg), default=str))
+                    if adapter_out:
+                        model.save_pretrained(adapter_out)
+                reporter.report(metrics, ckpt)
+            finally:
+                shutil.rmtree(ckpt, ignore_errors=True)
+    except Diverged as e:
+        print(f"diverged: {e}", flush=True)
+        metrics = {**common, "objective": DIVERGED_OBJECTIVE, "efficacy": 0.0, "generalization": 0.0,
+                   "locality": 0.0, "train_loss": float("nan") if math.isnan(last_loss) else last_loss,
+                   "step": step, "trial_seconds": time.time() - t_start, "final": True,
+                   "trial_status": STATUS_DIVERGED, "diverged_reason": str(e)}
+        reporter.report(metrics, None)
+    return metrics
+
+
+def _ddp_worker(config: dict) -> None:
+    from trainables.common import train_reporter
+
+    cfg = config_from_dict(LoraTrainConfig, config)
+    train_loop(cfg, train_reporter())
+
+
+def trainable(config: dict) -> None:
+    """Ray Tune function trainable for `lora` and `hier_lora`."""
+    cfg = config_from_dict(LoraTrainConfig, config)
+    if cfg.workers <= 1:
+        train_loop(cfg, tune_reporter())
+        return
+    from trainables.distributed import run_ddp_trial
+
+    run_ddp_trial(_ddp_worker, config, cfg.workers, cfg.use_gpu, cfg.threads)
+
+
+def run_once(config: dict, adapter_out: str | None = None) -> dict:
+    """Plain, Ray-free run (export -> --config, benchmarks); returns final metrics."""
+    cfg = config_from_dict(LoraTrainConfig, config)
+    history: list[dict] = []
+    return train_loop(cfg, local_reporter(history), adapter_out=adapter_out)
