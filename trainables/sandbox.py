@@ -15,9 +15,9 @@ started. Containment comes from the first backend that works on this machine, fo
   ``ctypes`` or a child process can get around. Leftover children are killed by their
   process group and, when the sandbox has its own uid, by that uid.
 
-Process limits: the kernel ignores ``RLIMIT_NPROC`` for uid 0 (measured: a plain-rlimits
-sandbox run as root let a bounded fork bomb reach 2,000 live processes), so a program never
-runs as the caller's uid 0. As root, the program drops to a uid of its own
+Process limits: the kernel ignores ``RLIMIT_NPROC`` for uid 0 (DESIGN.md section 5: a
+plain-rlimits sandbox run as root let a bounded fork bomb reach 2,000 live processes), so a
+program never runs as the caller's uid 0. As root, the program drops to a uid of its own
 (``_UID_BASE`` + pid and call counter, so concurrent sandboxes do not share a budget);
 under ``bwrap`` it keeps only CAP_SETUID/CAP_SETGID until that drop, and the caller's home is
 covered with an empty tmpfs and the interpreter's folders bound back read-only, because a
@@ -28,14 +28,21 @@ namespace, where the kernel counts ``RLIMIT_NPROC`` per (namespace, uid): the li
 counts the sandbox's own processes only, not the caller's others. Under ``rlimits`` as
 non-root the limit is the caller's current task count plus ``max_processes``.
 
-Speed (2 shared cores, Python 3.11, root, bwrap 0.8; ``benchmarks/sandbox.py``): about 45
-calls/s for ``print(1)`` sequentially and 55-60 with two threads. The interpreter starts with
-``-I -S``: ``site`` costs ~40 ms a start here (a ``.pth`` file that imports ``certifi``), so the
-plain interpreter managed 16 calls/s. ``-S`` keeps site-packages importable because the
-sandbox sets ``sys.path`` to what ``python -I`` computes on the host (``.pth`` path lines
-included, ``.pth`` import lines, e.g. import-hook editable installs, not run). A warm pool of
-pre-started sandboxes would only hide the ~20 ms start latency, not add throughput on two
-busy cores, so there is none.
+Speed (``python benchmarks/sandbox.py --json``; 2 cores shared with other work, root,
+bwrap 0.8): ``print(1)`` runs 17-37 calls/s sequentially and 31-44 calls/s from two threads,
+depending on the load (unshare 38 / 76, rlimits 50 / 56 in one run). A call is ~12 ms of
+interpreter start, ~4.5 ms of bootstrap (mostly ``import os``, which programs need anyway),
+~8 ms of bwrap namespaces and mounts, and ~1.5 ms of the caller's CPU. The interpreter starts
+with ``-I -S``: ``site`` costs ~40 ms a start here (a ``.pth`` file that imports ``certifi``):
+a bare ``python -c`` managed 14-18 calls/s, ``python -I -S -c`` 70-83. ``-S`` keeps
+site-packages importable (``import numpy, pandas`` works) because the sandbox sets
+``sys.path`` to what ``python -I`` computes on the host once (``.pth`` path lines included;
+``.pth`` import lines, e.g. import-hook editable installs, are not run). There is no warm
+pool: pre-started sandboxes would hide the ~25 ms start latency, but the start's CPU is the
+limit on two busy cores, so callers that need throughput should call from a few threads.
+
+Needs Linux >= 5.3 (pidfds watch the program's exit without a pid-reuse race) and, for a
+prompt teardown on timeout, /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN).
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -68,6 +76,7 @@ _IS_ROOT = os.geteuid() == 0
 # 100000); the low 24 bits are (pid & 0xFFFF) << 8 | call counter & 0xFF.
 _UID_BASE = 0x40000000
 _call_counter = itertools.count()
+_DETECT_LOCK = threading.Lock()
 # Generated programs write small files (CSV, JSON); 64 MiB bounds a runaway writer on disk.
 _MAX_FILE_BYTES = 64 << 20
 _MAX_OPEN_FILES = 256
@@ -266,9 +275,19 @@ def _plan(backend: Backend) -> _Plan:
 
 
 @functools.cache
+def _tool(name: str) -> str:
+    """Absolute path of a containment tool, looked up once in the caller's PATH (the
+    sandbox's own PATH would otherwise decide which binary Popen runs)."""
+    path = shutil.which(name)
+    if path is None:
+        raise FileNotFoundError(f"{name} is not installed")
+    return path
+
+
+@functools.cache
 def _bwrap_has_size() -> bool:
     """bwrap >= 0.7 can cap a tmpfs (--size); older ones (Ubuntu 22.04: 0.6) cannot."""
-    result = subprocess.run(["bwrap", "--help"], capture_output=True, text=True)
+    result = subprocess.run([_tool("bwrap"), "--help"], capture_output=True, text=True)
     return "--size" in result.stdout
 
 
@@ -276,8 +295,8 @@ def _prefix(plan: _Plan, workdir: str, memory_bytes: int) -> list[str]:
     """The containment command placed before the interpreter."""
     if plan.backend == "bwrap":
         interp = _interpreter()
-        cmd = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-        if _bwrap_has_size():  # a world-writable /tmp whose size counts like memory
+        cmd = [_tool("bwrap"), "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+        if _bwrap_has_size():  # a world-writable /tmp; tmpfs pages escape RLIMIT_AS, so cap it
             cmd += ["--perms", "1777", "--size", str(memory_bytes)]
         cmd += ["--tmpfs", "/tmp"]
         for folder in interp.hidden:
@@ -285,7 +304,10 @@ def _prefix(plan: _Plan, workdir: str, memory_bytes: int) -> list[str]:
         for folder in interp.exposed:
             # bwrap would create the missing parents of a mount point with mode 0700, out of
             # the dropped uid's reach; --dir makes them 0755.
-            parents = [p for p in Path(folder).parents if _inside(str(p), interp.hidden)]
+            parents = [
+                p for p in Path(folder).parents
+                if _inside(str(p), interp.hidden) and str(p) not in interp.hidden
+            ]
             for parent in reversed(parents):
                 cmd += ["--dir", str(parent)]
             cmd += ["--ro-bind", folder, folder]
@@ -293,7 +315,7 @@ def _prefix(plan: _Plan, workdir: str, memory_bytes: int) -> list[str]:
             # --chdir / : bwrap has no CAP_DAC_OVERRIDE left to enter the sandbox uid's 0700
             # folder; _BOOTSTRAP enters it after the uid drop.
             "--bind", workdir, workdir, "--chdir", "/",
-            "--unshare-net", "--unshare-ipc", "--unshare-uts",
+            "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
             "--die-with-parent", "--new-session",
         ]
         if _IS_ROOT:  # keep only what the uid drop in _BOOTSTRAP needs
@@ -304,7 +326,7 @@ def _prefix(plan: _Plan, workdir: str, memory_bytes: int) -> list[str]:
     if plan.backend == "unshare":
         user = [] if _IS_ROOT else ["--user", "--map-root-user"]
         return [
-            "unshare", *user, "--net", "--pid", "--ipc", "--uts",
+            _tool("unshare"), *user, "--net", "--pid", "--ipc", "--uts",
             "--fork", "--kill-child", "--mount-proc", "--",
         ]
     return []
@@ -353,13 +375,14 @@ def _kill_uid(uid: int) -> None:
                 pass
 
 
-def _kill_children(pid: int) -> None:
+def _kill_children(pid: int) -> bool:
     """SIGKILL the direct children of ``pid``, through pidfds so a pid reused between
-    reading the list and signalling cannot be hit."""
+    reading the list and signalling cannot be hit. False when the kernel does not list
+    children (CONFIG_PROC_CHILDREN off)."""
     try:
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
-        return
+        return False
     for child in children:
         try:
             fd = os.pidfd_open(int(child))
@@ -371,6 +394,7 @@ def _kill_children(pid: int) -> None:
             pass
         finally:
             os.close(fd)
+    return True
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -450,8 +474,8 @@ def _supervise(
             # the monitor exits only after that, so waiting for the monitor means nothing of
             # the program is left. (Killing the monitor instead would leave the namespace to
             # die asynchronously, after run_code has returned.)
-            _kill_children(proc.pid)
-            select.select([pidfd], [], [], _TEARDOWN_S)
+            if _kill_children(proc.pid):
+                select.select([pidfd], [], [], _TEARDOWN_S)
         _kill_group(proc)
         if sandbox_uid is not None and plan.backend == "rlimits":
             _kill_uid(sandbox_uid)
@@ -528,7 +552,8 @@ def _run(
         elif plan.backend == "rlimits" and not _IS_ROOT:  # no namespace: the uid's total
             nproc = _count_own_tasks() + max_processes
         memory_bytes = memory_mb << 20
-        limits = f"{memory_bytes},{math.ceil(timeout) + 1},{nproc},{_MAX_FILE_BYTES},{_MAX_OPEN_FILES}"
+        cpu_seconds = math.ceil(timeout) + 1  # a backstop: the wall clock normally ends it first
+        limits = f"{memory_bytes},{cpu_seconds},{nproc},{_MAX_FILE_BYTES},{_MAX_OPEN_FILES}"
         cmd = [
             *_prefix(plan, workdir, memory_bytes), sys.executable, *_PYTHON_FLAGS,
             "-c", _BOOTSTRAP, program, workdir, limits, ids, plan.guard,
@@ -560,9 +585,8 @@ _WEAKNESS = {
 
 def _probe(backend: Backend) -> str | None:
     """Why ``backend`` cannot run a program here, or None when it can."""
-    tool = {"bwrap": "bwrap", "unshare": "unshare"}.get(backend)
-    if tool is not None and shutil.which(tool) is None:
-        return f"{tool} is not installed"
+    if backend != "rlimits" and shutil.which(backend) is None:
+        return f"{backend} is not installed"
     outcome = _run(
         _PROBE.encode(), timeout=10.0, memory_mb=512, max_processes=32, max_output=4096,
         stdin=None, backend=backend,
@@ -578,11 +602,16 @@ def available_backends() -> tuple[Backend, ...]:
     return tuple(b for b in BACKENDS if _probe(b) is None)
 
 
-@functools.cache
 def detect_backend() -> Backend:
     """The strongest working backend, probed once per process. Warns once when it is not
     bwrap, saying what is weaker and why bwrap was not used."""
-    reasons = []
+    with _DETECT_LOCK:  # reward functions may call from several threads at once
+        return _detect_backend()
+
+
+@functools.cache
+def _detect_backend() -> Backend:
+    reasons: list[str] = []
     for backend in BACKENDS:
         reason = _probe(backend)
         if reason is None:
@@ -594,7 +623,7 @@ def detect_backend() -> Backend:
                 warnings.warn(
                     f"sandbox: using the {backend!r} backend ({'; '.join(reasons)}); "
                     f"containment is weaker: {weaker}. Install bubblewrap "
-                    "(apt-get install -y bubblewrap).", RuntimeWarning, stacklevel=2,
+                    "(apt-get install -y bubblewrap).", RuntimeWarning, stacklevel=4,
                 )
             return backend
         reasons.append(reason)
