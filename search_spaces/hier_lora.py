@@ -10,7 +10,7 @@ from __future__ import annotations
 from search_spaces import lora
 
 
-def space(trial, n_layers: int, max_epochs: int = 6) -> dict:
+def space(trial, n_layers: int, max_epochs: int = 4) -> dict:
     fixed = lora.space(trial, n_layers, max_epochs)
     start = trial.suggest_int("layer_start", 0, n_layers - 1)
     span = trial.suggest_int("layer_span", 1, max(1, n_layers // 2))

@@ -6,7 +6,7 @@ the sweep must show those trials diverge or score low instead of guessing them a
 from __future__ import annotations
 
 
-def space(trial, n_layers: int, max_epochs: int = 6) -> dict:
+def space(trial, n_layers: int, max_epochs: int = 4) -> dict:
     """Optuna define-by-run space; returns constants that are not searched."""
     trial.suggest_float("lr", 1e-5, 1e-2, log=True)
     clip = trial.suggest_categorical("clip", [True, False])
@@ -16,7 +16,8 @@ def space(trial, n_layers: int, max_epochs: int = 6) -> dict:
     trial.suggest_float("dropout", 0.0, 0.1)
     trial.suggest_categorical("target", ["qv", "attn", "mlp", "all"])
     trial.suggest_categorical("schedule", ["linear", "cosine"])
-    trial.suggest_int("epochs", min(2, max_epochs), max_epochs)
+    trial.suggest_int("epochs", 1, max_epochs)
+    trial.suggest_categorical("batch_size", [8, 16])
     fixed: dict = {"hierarchical": False}
     if clip:
         trial.suggest_float("max_grad_norm", 0.1, 10.0, log=True)

@@ -73,7 +73,7 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
                    help="> 1 runs each trial as DDP through a Ray Train TorchTrainer")
     p.add_argument("--max-concurrent", type=_positive_int, help="trials at once (default: what resources allow)")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a trial that crashed")
-    p.add_argument("--max-epochs", type=_positive_int, default=6, help="upper bound of the searched epochs (ASHA max_t)")
+    p.add_argument("--max-epochs", type=_positive_int, default=4, help="upper bound of the searched epochs (ASHA max_t)")
     p.add_argument("--multi-objective", action="store_true", help="search the efficacy / locality Pareto front")
     p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler and of every trial")
     return p

@@ -33,8 +33,8 @@ def main(argv=None) -> int:
         check_model_name(args.model)
         if args.adapter and not pathlib.Path(args.adapter, "adapter_config.json").is_file():
             raise ValueError(f"--adapter {args.adapter!r}: no adapter_config.json there")
-        migrations = data.load_migrations(args.migrations or data.MIGRATIONS)
-        locality = data.load_locality(args.locality or data.LOCALITY)
+        migrations = data.load_migrations(args.migrations)
+        locality = data.load_locality(args.locality)
     except (ValueError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

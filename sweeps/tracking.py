@@ -160,6 +160,8 @@ class MlflowTracker(Callback):
         self._retry(client.set_tag, run_id, "trial_status", status)
         self._retry(client.set_tag, run_id, "config_json",
                     json.dumps({k: v for k, v in trial.config.items() if not k.startswith("_")}, default=str))
+        if result.get("gpu_ids") is not None:
+            self._retry(client.set_tag, run_id, "gpu_ids", str(result["gpu_ids"]))
         if result.get("diverged_reason"):
             self._retry(client.set_tag, run_id, "diverged_reason", str(result["diverged_reason"])[:4000])
         if errored and getattr(trial, "error_file", None):

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-_PATTERN = re.compile(r"^(?P<target>\.?[A-Za-z_][\w.]*)(?:\((?P<kw>[A-Za-z_]\w*)=\))?$")
+_PATTERN = re.compile(r"^(?P<target>\.?[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(?:\((?P<kw>[A-Za-z_]\w*)=\))?$")
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,22 @@ from typing import Any, Iterator
 
 from trainables.apicheck import check_completion, parse_pattern
 
-# APIUPDATE_DATA_DIR points every default at another folder of the same layout (tests use a
-# 4-migration fixture so that whole sweeps run in seconds).
-DATA_DIR = Path(os.environ.get("APIUPDATE_DATA_DIR") or Path(__file__).resolve().parent.parent / "data")
-MIGRATIONS = DATA_DIR / "migrations.jsonl"
-LOCALITY = DATA_DIR / "locality.jsonl"
+PROJECT_DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def data_dir() -> Path:
+    """data/, or APIUPDATE_DATA_DIR: a folder of the same layout (tests use a 4-migration
+    fixture so that whole sweeps run in seconds). Read at call time, so Ray workers and
+    tests that set it later see it."""
+    return Path(os.environ.get("APIUPDATE_DATA_DIR") or PROJECT_DATA)
+
+
+def migrations_path() -> Path:
+    return data_dir() / "migrations.jsonl"
+
+
+def locality_path() -> Path:
+    return data_dir() / "locality.jsonl"
 
 MIN_TRAIN_CONTEXTS = 3
 MIN_PROBE_CONTEXTS = 2
@@ -145,8 +156,8 @@ def _contexts(c: _Checker, field: str, minimum: int, deprecated: str, replacemen
     return tuple(out)
 
 
-def load_migrations(path: str | Path = MIGRATIONS) -> list[Migration]:
-    path = Path(path)
+def load_migrations(path: str | Path | None = None) -> list[Migration]:
+    path = Path(path or migrations_path())
     out: list[Migration] = []
     seen: dict[str, int] = {}
     prompts: dict[str, int] = {}
@@ -180,8 +191,8 @@ def load_migrations(path: str | Path = MIGRATIONS) -> list[Migration]:
     return out
 
 
-def load_locality(path: str | Path = LOCALITY) -> list[LocalitySnippet]:
-    path = Path(path)
+def load_locality(path: str | Path | None = None) -> list[LocalitySnippet]:
+    path = Path(path or locality_path())
     out: list[LocalitySnippet] = []
     seen: dict[str, int] = {}
     prompts: dict[str, int] = {}

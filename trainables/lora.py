@@ -1,8 +1,8 @@
 """LoRA and hierarchical LoRA (adapters on layers [layer_start, layer_end) only): one loop.
 
 The loop is AdamW with a linear or cosine schedule after ``warmup_ratio`` of the steps, optional
-``max_grad_norm`` clipping, gradient accumulation, and the divergence guard: a non-finite loss or
-gradient norm ends the trial at once with ``trial_status = diverged``. It reports once per epoch
+``max_grad_norm`` clipping, gradient accumulation, and the divergence guard: a non-finite or
+exploding loss (or gradient norm) ends the trial at once with ``trial_status = diverged``. It reports once per epoch
 with a checkpoint (adapter + optimizer + scheduler + step + RNG) so a resumed trial continues
 where it stopped, and finishes with the shared evaluation.
 
@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from trainables.common import (
-    DIVERGED_OBJECTIVE, STATUS_COMPLETED, STATUS_DIVERGED, Diverged, Reporter, check_finite,
-    config_from_dict, local_reporter, set_threads, tune_reporter,
+    DIVERGED_OBJECTIVE, STATUS_COMPLETED, STATUS_DIVERGED, DivergenceGuard, Diverged, Reporter,
+    config_from_dict, local_reporter, maybe_inject_fault, set_threads, tune_reporter,
 )
 
 TARGETS = ("qv", "attn", "mlp", "all")
@@ -118,10 +118,10 @@ def attach_lora(model, cfg: LoraTrainConfig):
 
 def training_examples(tokenizer, dataset: str | None, max_length: int = 128) -> list[tuple[list[int], int]]:
     """(ids, n_prompt) for each train context's prompt + new line (loss on the new line only)."""
-    from trainables.data import MIGRATIONS, load_migrations
+    from trainables.data import load_migrations
     from trainables.testbed import encode_pair
 
-    migrations = load_migrations(dataset or MIGRATIONS)
+    migrations = load_migrations(dataset)
     return [encode_pair(tokenizer, c.prompt, c.new, max_length)
             for m in migrations for c in m.train_contexts]
 
@@ -144,17 +144,18 @@ def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _save(path: Path, model, opt, sched, step: int, epoch: int, rng: random.Random) -> None:
+def _save(path: Path, model, opt, sched, step: int, epoch: int, rng: random.Random, guard: DivergenceGuard) -> None:
     import torch
 
     path.mkdir(parents=True, exist_ok=True)
     adapter = {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
     torch.save(adapter, path / "adapter.pt")
     torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "step": step, "epoch": epoch,
-                "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, path / "state.pt")
+                "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
+                "guard": (guard.first, guard.ema)}, path / "state.pt")
 
 
-def _load(path: Path, model, opt, sched, rng: random.Random) -> tuple[int, int] | None:
+def _load(path: Path, model, opt, sched, rng: random.Random, guard: DivergenceGuard) -> tuple[int, int] | None:
     """Restore a checkpoint; None when it is missing, half-written or corrupt (start afresh)."""
     import torch
 
@@ -171,6 +172,7 @@ def _load(path: Path, model, opt, sched, rng: random.Random) -> tuple[int, int] 
         sched.load_state_dict(state["sched"])
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
+        guard.first, guard.ema = state["guard"]
         return int(state["step"]), int(state["epoch"])
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint means: start from scratch
         print(f"checkpoint in {path} is unusable ({type(e).__name__}: {e}); restarting the trial from scratch",
@@ -192,7 +194,7 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
 
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    t_start = time.time()
+    t_start = time.time()  # also reported as `started_at`: tests check which trials overlapped
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model(cfg.model, device=device)
     cfg.layer_range(num_layers(model))  # fail fast on a bad range
@@ -212,10 +214,11 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
     sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                           num_training_steps=total_steps)
     rng = random.Random(cfg.seed)
+    guard = DivergenceGuard()
     step, epoch0 = 0, 0
     restored = reporter.restore()
     if restored:
-        got = _load(Path(restored), model, opt, sched, rng)
+        got = _load(Path(restored), model, opt, sched, rng, guard)
         if got:
             step, epoch0 = got
             print(f"resumed from checkpoint at step {step}, epoch {epoch0}", flush=True)
@@ -225,10 +228,10 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
         eval_data = (migrations, locality, base_locality(cfg.model, locality))
     migrations, locality, base_loc = eval_data
 
-    def run_eval() -> tuple[dict, list]:
-        return evaluate(model, tokenizer, migrations, locality, base_loc)
+    def run_eval(quick: bool) -> tuple[dict, list]:
+        return evaluate(model, tokenizer, migrations, locality, base_loc, quick=quick)
 
-    common = {"trainable_params": n_trainable, "total_steps": total_steps}
+    common = {"trainable_params": n_trainable, "total_steps": total_steps, "started_at": t_start}
     metrics: dict = {}
     last_loss = float("nan")
     try:
@@ -249,20 +252,20 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
                     loss_sum += loss.item()
                 params = [p for p in model.parameters() if p.requires_grad]
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
-                check_finite(step, loss_sum, grad_norm)
+                guard.check(step, loss_sum, grad_norm)
                 opt.step()
                 sched.step()
                 step += 1
                 losses.append(loss_sum)
             last_loss = sum(losses) / max(1, len(losses))
             final = epoch == cfg.epochs - 1
-            metrics, preds = run_eval()
+            metrics, preds = run_eval(quick=not final)
             metrics.update(common, train_loss=last_loss, epoch=epoch + 1, step=step, lr_now=sched.get_last_lr()[0],
                            trial_seconds=time.time() - t_start, final=final,
                            trial_status=STATUS_COMPLETED if final else "running")
             ckpt = tempfile.mkdtemp(prefix="ckpt-")
             try:
-                _save(Path(ckpt), model, opt, sched, step, epoch + 1, rng)
+                _save(Path(ckpt), model, opt, sched, step, epoch + 1, rng, guard)
                 if final:
                     Path(ckpt, "predictions.json").write_text(json.dumps([asdict(p) for p in preds[:200]]))
                     Path(ckpt, "config.json").write_text(json.dumps(asdict(cfg), default=str))
@@ -271,6 +274,8 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
                 reporter.report(metrics, ckpt)
             finally:
                 shutil.rmtree(ckpt, ignore_errors=True)
+            if not final:
+                maybe_inject_fault(epoch + 1)
     except Diverged as e:
         print(f"diverged: {e}", flush=True)
         metrics = {**common, "objective": DIVERGED_OBJECTIVE, "efficacy": 0.0, "generalization": 0.0,

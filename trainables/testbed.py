@@ -32,19 +32,36 @@ BUILD_VERSION = 1
 
 @dataclass(frozen=True)
 class TestbedConfig:
+    __test__ = False  # not a pytest test class despite the name
+
     # 8 layers so that layer ranges mean something (the seed swept 22-31 of 32).
     num_layers: int = 8
-    hidden_size: int = 128
+    hidden_size: int = 96
     num_heads: int = 4
-    intermediate_size: int = 344  # ~2.7x hidden, as in Llama
-    vocab_size: int = 2048
+    intermediate_size: int = 256  # ~2.7x hidden, as in Llama
+    vocab_size: int = 1024  # the corpus is ~60 KB of code; more merges only slow the LM head
     max_length: int = 128  # tokens per example; prompts are <= 200 chars, completions <= 90
-    # Pretraining: lr 3e-3 memorised `df.append(row)` in ~70 steps on the prototype (DESIGN s5).
-    steps: int = 900
+    # Pretraining: ~0.25 s/step on 2 cores (batch 32). With the defaults below, 700 steps gave
+    # old_api_rate 1.0 and locality_accuracy 1.0 in 184 s; 620 keeps the build under 3 minutes.
+    # (One renamed copy per context as well needed > 800 steps for old_api_rate >= 0.95.)
+    steps: int = 620
     batch_size: int = 32
-    lr: float = 3.0e-3
+    lr: float = 5.0e-3
     warmup_steps: int = 40
     weight_decay: float = 0.01
+    # Per epoch: each old-API context verbatim + this many variable-renamed variants (teaches
+    # each idiom as a pattern; costs steps: off by default, see `steps`).
+    renamed_copies: int = 0
+    locality_copies: int = 1  # locality snippets are memorised verbatim
+    # Real code LMs have seen a little new-API code and still default to the old form. The
+    # testbed gets the same prior: renamed train contexts written with the new API, only ever
+    # behind a `# requires: lib>=version` header that evaluation prompts never carry (so the
+    # base model still writes the old APIs; probe contexts never appear in new form).
+    tagged_new_copies: int = 1
+    # Loss weight of prompt tokens (completions weigh 1). The metrics only read completions;
+    # down-weighting the prompts' boilerplate (imports, setup lines) spends the 3-minute budget
+    # where it counts.
+    prompt_loss_weight: float = 0.1
     seed: int = 0
     # Float reductions depend on the thread count; fixing it makes builds bit-reproducible.
     threads: int = 2
@@ -68,6 +85,64 @@ def cache_root() -> Path:
     return Path(os.environ.get("APIUPDATE_CACHE", Path.home() / ".cache" / "apiupdate-sweeps"))
 
 
+# Variable names for the renaming augmentation: plain words and word_word pairs.
+_WORDS = ("data item items result frame table rows values batch record entry entries count total score scores "
+          "user users price prices order orders sample samples feature features label labels text texts value "
+          "metric metrics image images layer weights grid point points path paths name names key keys index "
+          "report stats log logs event events line lines word words node nodes edge edges task tasks buffer "
+          "queue size sizes rate rates level levels step steps state states signal block blocks chunk chunks "
+          "part parts group groups field fields column columns matrix vector arrays series output outputs "
+          "inputs temp acc vals obs sensor readings sales stock").split()
+
+
+def _fresh_name(rng: random.Random, taken: set[str]) -> str:
+    while True:
+        name = rng.choice(_WORDS) if rng.random() < 0.5 else f"{rng.choice(_WORDS)}_{rng.choice(_WORDS)}"
+        if name not in taken:
+            taken.add(name)
+            return name
+
+
+def rename_variables(prompt: str, completion: str, rng: random.Random) -> tuple[str, str]:
+    """The same program with its local variable names consistently replaced by random ones.
+
+    Pretraining on such variants teaches the testbed the *pattern* of each old-API idiom (copy
+    the frame's name into ``X = X.append(...)``) rather than one string per context, which is
+    what lets an update learnt on 3 train contexts transfer to held-out probe contexts, as it
+    does in real code models. Imported names, builtins, attributes, keywords arguments and
+    ``self`` are kept."""
+    import ast
+    import builtins
+
+    program = prompt + completion
+    try:
+        tree = ast.parse(program)
+    except SyntaxError:
+        return prompt, completion
+    keep = set(dir(builtins)) | {"self", "cls"}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            keep |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            keep.add(node.name)
+    spots: list[tuple[int, int, int, str]] = []  # (line, col, end_col, name)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id not in keep:
+            spots.append((node.lineno, node.col_offset, node.end_col_offset, node.id))
+        elif isinstance(node, ast.arg) and node.arg not in keep:
+            spots.append((node.lineno, node.col_offset, node.col_offset + len(node.arg), node.arg))
+    if not spots:
+        return prompt, completion
+    taken = {name for *_, name in spots} | keep
+    mapping = {name: _fresh_name(rng, taken) for name in sorted({name for *_, name in spots})}
+    lines = program.split("\n")
+    for line, col, end, name in sorted(spots, reverse=True):
+        text = lines[line - 1]
+        lines[line - 1] = text[:col] + mapping[name] + text[end:]
+    new_prompt_lines = prompt.count("\n")
+    return "\n".join(lines[:new_prompt_lines]) + "\n", "\n".join(lines[new_prompt_lines:])
+
+
 def corpus(migrations, locality) -> list[tuple[str, str]]:
     """(prompt, completion) pairs the testbed is pretrained on: the old world only."""
     pairs = []
@@ -76,6 +151,28 @@ def corpus(migrations, locality) -> list[tuple[str, str]]:
             pairs.append((ctx.prompt, ctx.old))
     pairs.extend((s.prompt, s.completion) for s in locality)
     return pairs
+
+
+def epoch_pairs(migrations, locality, cfg: "TestbedConfig", rng: random.Random) -> list[tuple[str, str]]:
+    """One pretraining epoch: each old-API context as written plus ``cfg.renamed_copies``
+    variants with fresh variable names; each locality snippet ``cfg.locality_copies`` times,
+    verbatim (those must be reproduced exactly)."""
+    pairs = []
+    for m in migrations:
+        for ctx in m.train_contexts + m.probe_contexts:
+            pairs.append((ctx.prompt, ctx.old))
+            pairs += [rename_variables(ctx.prompt, ctx.old, rng) for _ in range(cfg.renamed_copies)]
+        for ctx in m.train_contexts:
+            for _ in range(cfg.tagged_new_copies):
+                p, c = rename_variables(ctx.prompt, ctx.new, rng)
+                pairs.append((version_tag(m) + p, c))
+    pairs += [(s.prompt, s.completion) for s in locality] * cfg.locality_copies
+    return pairs
+
+
+def version_tag(m) -> str:
+    """Header line of the rare new-API files in the corpus (``# requires: pandas>=2.0``)."""
+    return f"# requires: {m.library}>={m.new_version}\n"
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -107,11 +204,25 @@ def encode_pair(tokenizer, prompt: str, completion: str, max_length: int) -> tup
     return ids, min(len(p), len(ids))
 
 
-def _pretrain(model, tokenizer, pairs, cfg: TestbedConfig, log) -> None:
+def _bucketed_batches(examples: list[list[int]], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """One epoch of batches of similar length: shuffle, sort within windows of 8 batches, split,
+    shuffle the batches. Lengths run 15-80 tokens, so random batches wasted ~40% on padding."""
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    window = batch_size * 8
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w : w + window], key=lambda i: len(examples[i]))
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _pretrain(model, tokenizer, migrations, locality, cfg: TestbedConfig, log) -> None:
     import torch
 
-    examples = [encode_pair(tokenizer, p, c, cfg.max_length)[0] for p, c in pairs]
     rng = random.Random(cfg.seed)
+    examples: list[list[int]] = []
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
     def lr_at(step: int) -> float:
@@ -121,25 +232,29 @@ def _pretrain(model, tokenizer, pairs, cfg: TestbedConfig, log) -> None:
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    order: list[int] = []
+    batches: list[list[int]] = []
     model.train()
     t0 = time.time()
     for step in range(cfg.steps):
-        if len(order) < cfg.batch_size:
-            fresh = list(range(len(examples)))
-            rng.shuffle(fresh)
-            order.extend(fresh)
-        batch = [examples[i] for i in order[: cfg.batch_size]]
-        del order[: cfg.batch_size]
-        width = max(map(len, batch))
+        if not batches:
+            examples = [encode_pair(tokenizer, p, c, cfg.max_length)
+                        for p, c in epoch_pairs(migrations, locality, cfg, rng)]
+            batches = _bucketed_batches([ids for ids, _ in examples], cfg.batch_size, rng)
+        batch = [examples[i] for i in batches.pop()]
+        width = max(len(ex) for ex, _ in batch)
         ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-        labels = torch.full((len(batch), width), -100)
+        weight = torch.zeros((len(batch), width))
         mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, ex in enumerate(batch):
+        for i, (ex, n_prompt) in enumerate(batch):
             ids[i, : len(ex)] = torch.tensor(ex)
-            labels[i, : len(ex)] = torch.tensor(ex)
+            weight[i, :n_prompt] = cfg.prompt_loss_weight
+            weight[i, n_prompt : len(ex)] = 1.0
             mask[i, : len(ex)] = 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                               reduction="none")
+        w = weight[:, 1:].reshape(-1)
+        loss = (ce * w).sum() / w.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -156,6 +271,7 @@ def build(out_dir: Path, cfg: TestbedConfig, migrations, locality, log=print) ->
 
     pairs = corpus(migrations, locality)
     texts = [p + c for p, c in pairs] + [m.old_code for m in migrations]
+    texts += [p + c for p, c in epoch_pairs(migrations, locality, cfg, random.Random(cfg.seed))]
     tokenizer = train_tokenizer(texts, cfg.vocab_size)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
@@ -176,8 +292,8 @@ def build(out_dir: Path, cfg: TestbedConfig, migrations, locality, log=print) ->
         )
         model = LlamaForCausalLM(config)
         log(f"testbed: {sum(p.numel() for p in model.parameters()):,} parameters, "
-            f"{len(pairs)} pretraining pairs, vocab {len(tokenizer)}")
-        _pretrain(model, tokenizer, pairs, cfg, log)
+            f"{len(pairs)} pretraining pairs (+{cfg.renamed_copies} renamed copies each), vocab {len(tokenizer)}")
+        _pretrain(model, tokenizer, migrations, locality, cfg, log)
     finally:
         torch.set_num_threads(threads)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -199,8 +315,8 @@ def ensure_testbed(
     from trainables import data
 
     cfg = cfg or default_config()
-    mpath = Path(migrations_path or data.MIGRATIONS)
-    lpath = Path(locality_path or data.LOCALITY)
+    mpath = Path(migrations_path or data.migrations_path())
+    lpath = Path(locality_path or data.locality_path())
     key = cfg.key(data.file_digest(mpath, lpath))
     root = cache_root() / "testbed"
     out = root / key

@@ -1,0 +1,180 @@
+"""The sweep engine end to end on the small fixture testbed: MLflow layout, export round trip,
+resume after SIGKILL, resume of an errored trial, logical GPUs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sweep(method: str, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, f"sweeps/{method}.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def mlflow_runs(home: Path, experiment: str) -> list[dict]:
+    """Every live run of an experiment with its tags and final metrics, straight from SQLite."""
+    con = sqlite3.connect(home / "mlflow.db")
+    try:
+        rows = con.execute(
+            "select r.run_uuid, r.name, r.status from runs r join experiments e on r.experiment_id = e.experiment_id "
+            "where e.name = ? and r.lifecycle_stage = 'active'", (experiment,)).fetchall()
+        out = []
+        for run_id, name, status in rows:
+            tags = dict(con.execute("select key, value from tags where run_uuid = ?", (run_id,)).fetchall())
+            metrics = dict(con.execute("select key, value from latest_metrics where run_uuid = ?", (run_id,)).fetchall())
+            out.append({"id": run_id, "name": name, "status": status, "tags": tags, "metrics": metrics})
+        return out
+    finally:
+        con.close()
+
+
+def children_of(runs: list[dict], sweep_name: str) -> tuple[dict, list[dict]]:
+    parents = [r for r in runs if r["tags"].get("kind") == "sweep" and r["name"] == sweep_name]
+    assert len(parents) == 1, parents
+    kids = [r for r in runs if r["tags"].get("mlflow.parentRunId") == parents[0]["id"]]
+    return parents[0], kids
+
+
+def test_smoke_sweep_mlflow_layout_and_export_round_trip(tmp_path, small_testbed):
+    home = tmp_path / "mlruns"
+    out = sweep("hier_lora", "--smoke-test", "--name", "smoke", "--mlruns", str(home))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "best trial" in out.stdout and "best config:" in out.stdout
+    parent, kids = children_of(mlflow_runs(home, "hier_lora"), "smoke")
+    assert parent["status"] == "FINISHED"
+    assert len(kids) == 2 and len({k["tags"]["trial_id"] for k in kids}) == 2
+    for k in kids:
+        assert k["status"] == "FINISHED"
+        assert k["tags"]["trial_status"] in {"completed", "pruned", "diverged"}
+        for m in ("efficacy", "generalization", "locality", "objective", "trainable_params", "trial_seconds"):
+            assert m in k["metrics"], (m, k["metrics"])
+    assert any(a.startswith("plots") or a.endswith(".png") for a in _artifacts(home, parent["id"]))
+
+    best = tmp_path / "best.yaml"
+    exp = subprocess.run([sys.executable, "sweeps/export_best.py", "hier_lora", "--name", "smoke", "--out", str(best),
+                          "--mlruns", str(home)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert exp.returncode == 0, exp.stderr
+    doc = yaml.safe_load(best.read_text())
+    assert doc["method"] == "hier_lora" and doc["provenance"]["sweep"] == "smoke"
+    assert doc["provenance"]["git_commit"] and doc["provenance"]["trial_id"]
+    assert isinstance(doc["config"]["lr"], float) and doc["config"]["hierarchical"] is True
+
+    rerun = sweep("hier_lora", "--config", str(best), "--mlruns", str(home), "--name", "rerun")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    again = json.loads(rerun.stdout.strip().splitlines()[-1])
+    for m in ("efficacy", "generalization", "locality", "trainable_params"):
+        assert again[m] == pytest.approx(doc["metrics"][m], abs=0.02), m
+    runs = mlflow_runs(home, "hier_lora")
+    assert any(r["name"].startswith("rerun/") and r["tags"].get("rerun_of_sweep") == "smoke" for r in runs)
+
+
+def _artifacts(home: Path, run_id: str) -> list[str]:
+    found = []
+    for p in (home / "artifacts").rglob("*"):
+        if run_id in p.parts and p.is_file():
+            found.append(str(p.relative_to(home)))
+    return [Path(f).name if "plots" not in f else "plots/" + Path(f).name for f in found]
+
+
+def test_resume_after_sigkill_gives_exactly_n_trials(tmp_path, small_testbed):
+    home, n = tmp_path / "mlruns", 5
+    args = [sys.executable, "sweeps/hier_lora.py", "--num-samples", str(n), "--max-epochs", "3", "--name", "killed",
+            "--mlruns", str(home)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:  # kill once at least one trial finished and others are running
+            time.sleep(1.0)
+            if (home / "mlflow.db").exists():
+                try:
+                    kids = [r for r in mlflow_runs(home, "hier_lora") if r["tags"].get("kind") == "trial"]
+                except sqlite3.OperationalError:
+                    continue
+                if any(r["status"] == "FINISHED" for r in kids) and len(kids) < n:
+                    break
+        else:
+            pytest.fail("the sweep never got going")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    out = sweep("hier_lora", "--resume", "--name", "killed", "--mlruns", str(home))
+    assert out.returncode == 0, out.stderr[-3000:]
+    parent, kids = children_of(mlflow_runs(home, "hier_lora"), "killed")
+    assert len(kids) == n, [(k["tags"]["trial_id"], k["status"]) for k in kids]
+    assert len({k["tags"]["trial_id"] for k in kids}) == n
+    assert all(k["status"] == "FINISHED" for k in kids)
+    assert parent["status"] == "FINISHED"
+
+
+def test_a_trial_that_raises_is_resumed_from_its_checkpoint(tmp_path, small_testbed):
+    home = tmp_path / "mlruns"
+    env = {"APIUPDATE_FAULT": f"raise_once:{tmp_path / 'fault-marker'}"}
+    first = sweep("lora", "--num-samples", "2", "--max-epochs", "2", "--max-failures", "0", "--name", "flaky",
+                  "--mlruns", str(home), "--seed", "3", env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "fault-marker").exists()
+    _, kids = children_of(mlflow_runs(home, "lora"), "flaky")
+    failed = [k for k in kids if k["tags"]["trial_status"] == "failed"]
+    assert len(failed) == 1 and "injected fault" in failed[0]["tags"].get("error", "")
+    second = sweep("lora", "--resume", "--name", "flaky", "--mlruns", str(home), env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from checkpoint" in second.stdout + second.stderr
+    _, kids = children_of(mlflow_runs(home, "lora"), "flaky")
+    assert len(kids) == 2 and all(k["tags"]["trial_status"] != "failed" for k in kids)
+    assert all(k["status"] == "FINISHED" for k in kids)
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
+    home = tmp_path / "mlruns"
+    cases = [
+        (["--num-samples", "0"], "must be >= 1"),
+        (["--resume", "--name", "nope"], "no sweep named 'nope'"),
+        (["--model", "./no/such/model"], "no such file"),
+        (["--dataset", str(tmp_path / "missing.jsonl")], "no such file"),
+        (["--config", str(tmp_path / "missing.yaml")], "no such file"),
+    ]
+    for args, message in cases:
+        out = sweep("hier_lora", *args, "--mlruns", str(home), timeout=120)
+        assert out.returncode == 2, (args, out.stderr)
+        lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
+        assert message in lines[-1], (args, out.stderr)
+        assert "Traceback" not in out.stderr
+    assert not (home / "mlflow.db").exists()
+
+
+def test_logical_gpus_run_trials_side_by_side(tmp_path, small_testbed):
+    """ray.init(num_gpus=2): --gpus-per-trial 1 runs 2 trials at once on different GPU ids,
+    0.5 packs 4 (Ray only assigns logical ids; the trials still compute on the CPU here)."""
+    import ray
+
+    from sweeps.engine import main
+
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        for gpus, expect in (("1", 2), ("0.5", 4)):
+            home = tmp_path / f"mlruns-{gpus}"
+            assert main("lora", ["--num-samples", "4", "--max-epochs", "1", "--gpus-per-trial", gpus,
+                                 "--name", f"gpu{gpus}", "--mlruns", str(home)]) == 0
+            _, kids = children_of(mlflow_runs(home, "lora"), f"gpu{gpus}")
+            spans = [(k["metrics"]["started_at"], k["metrics"]["started_at"] + k["metrics"]["trial_seconds"],
+                      k["tags"].get("gpu_ids")) for k in kids]
+            assert len(spans) == 4
+            peak = max(sum(1 for s, e, _ in spans if s <= t < e) for t, _, _ in spans)
+            assert peak == expect, spans
+            if gpus == "1":
+                overlapping = [(a, b) for a in spans for b in spans if a is not b and a[0] <= b[0] < a[1]]
+                assert overlapping and all(a[2] != b[2] for a, b in overlapping)
+    finally:
+        ray.shutdown()
