@@ -321,10 +321,12 @@ def _run(method: Method, args) -> int:
     run_config = tune.RunConfig(
         name=name, storage_path=str(storage), callbacks=[tracker],
         failure_config=tune.FailureConfig(max_failures=args.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         verbose=1,
     )
-    tune_kwargs = {"trial_dirname_creator": _trial_dirname}
+    # reuse_actors: a fresh trial process spends ~4 s importing torch/transformers/peft, as much
+    # as one testbed epoch; reusing the worker saves it on every trial after the first.
+    tune_kwargs = {"trial_dirname_creator": _trial_dirname, "reuse_actors": True}
     t0 = time.time()
     if args.resume:
         tuner = tune.Tuner.restore(str(storage / name), trainable=trainable, resume_errored=True,

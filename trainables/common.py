@@ -164,3 +164,24 @@ def maybe_inject_fault(epoch: int) -> None:
         return
     os.close(fd)
     raise RuntimeError(f"injected fault after epoch {epoch} (APIUPDATE_FAULT)")
+
+
+def maybe_wait_at_barrier(timeout: float = 30.0) -> None:
+    """Concurrency checks, off unless APIUPDATE_BARRIER=DIR:N is set: each trial announces itself
+    in DIR and waits (at most ``timeout``) until N trials have, so a test can tell "N ran at
+    once" from start-up staggering."""
+    spec = os.environ.get("APIUPDATE_BARRIER", "")
+    folder, _, n = spec.rpartition(":")
+    if not folder or not n.isdigit():
+        return
+    import time
+    import uuid
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    Path(folder, uuid.uuid4().hex).touch()
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        arrived = len(list(Path(folder).iterdir()))
+        if arrived % int(n) == 0:
+            return
+        time.sleep(0.05)

@@ -6,6 +6,7 @@ naming the file, the line and the field, e.g.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -156,6 +157,31 @@ def _contexts(c: _Checker, field: str, minimum: int, deprecated: str, replacemen
     return tuple(out)
 
 
+def _cached(default_path):
+    """Memoise a loader per (resolved path, mtime, size): a reused Ray worker runs many trials
+    and should validate the same file once, yet an edited file is read again."""
+
+    def decorate(loader):
+        cache: dict = {}
+
+        @functools.wraps(loader)
+        def wrapper(path: str | Path | None = None):
+            p = Path(path or default_path())
+            try:
+                st = p.stat()
+                key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
+            except OSError:
+                return loader(p)  # raises the one-line DataError
+            if key not in cache:
+                cache[key] = loader(p)
+            return list(cache[key])
+
+        return wrapper
+
+    return decorate
+
+
+@_cached(migrations_path)
 def load_migrations(path: str | Path | None = None) -> list[Migration]:
     path = Path(path or migrations_path())
     out: list[Migration] = []
@@ -191,6 +217,7 @@ def load_migrations(path: str | Path | None = None) -> list[Migration]:
     return out
 
 
+@_cached(locality_path)
 def load_locality(path: str | Path | None = None) -> list[LocalitySnippet]:
     path = Path(path or locality_path())
     out: list[LocalitySnippet] = []

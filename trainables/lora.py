@@ -24,7 +24,7 @@ from typing import ClassVar
 
 from trainables.common import (
     DIVERGED_OBJECTIVE, STATUS_COMPLETED, STATUS_DIVERGED, DivergenceGuard, Diverged, Reporter,
-    config_from_dict, local_reporter, maybe_inject_fault, set_threads, tune_reporter,
+    config_from_dict, local_reporter, maybe_inject_fault, maybe_wait_at_barrier, set_threads, tune_reporter,
 )
 
 TARGETS = ("qv", "attn", "mlp", "all")
@@ -193,6 +193,7 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
     from trainables.models import load_model, num_layers
 
     set_threads(cfg.threads)
+    maybe_wait_at_barrier()
     torch.manual_seed(cfg.seed)
     t_start = time.time()  # also reported as `started_at`: tests check which trials overlapped
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
