@@ -82,21 +82,21 @@ def test_smoke_sweep_mlflow_layout_and_export_round_trip(tmp_path, small_testbed
 
 @pytest.mark.slow
 def test_resume_after_sigkill_gives_exactly_n_trials(tmp_path, small_testbed):
-    home, n = tmp_path / "mlruns", 5
+    home, n = tmp_path / "mlruns", 8
     args = [sys.executable, "sweeps/hier_lora.py", "--num-samples", str(n), "--max-epochs", "3", "--name", "killed",
             "--mlruns", str(home)]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
     try:
-        while time.time() < deadline:  # kill once at least one trial finished and others are running
-            time.sleep(1.0)
+        while time.time() < deadline:  # kill once a trial has finished and others have not
+            time.sleep(0.3)
             if (home / "mlflow.db").exists():
                 try:
                     kids = [r for r in mlflow_runs(home, "hier_lora") if r["tags"].get("kind") == "trial"]
                 except sqlite3.OperationalError:
                     continue
-                if any(r["status"] == "FINISHED" for r in kids) and len(kids) < n:
+                if 1 <= sum(r["status"] == "FINISHED" for r in kids) < n - 2:
                     break
         else:
             pytest.fail("the sweep never got going")

@@ -108,6 +108,14 @@ class _Checker:
             raise self.fail(field, "empty")
         return v
 
+    def unique(self, field: str, seen: dict[str, int]) -> str:
+        """A string field whose value no earlier record used (``seen``: value -> line)."""
+        v = self.str(field)
+        if v in seen:
+            raise self.fail(field, f"duplicate {field} {v!r} (first on line {seen[v]})")
+        seen[v] = self.line
+        return v
+
     def pattern(self, field: str) -> str:
         v = self.str(field)
         try:
@@ -189,10 +197,7 @@ def load_migrations(path: str | Path | None = None) -> list[Migration]:
     prompts: dict[str, int] = {}
     for line, obj in _records(path):
         c = _Checker(path, line, obj)
-        mid = c.str("id")
-        if mid in seen:
-            raise c.fail("id", f"duplicate id {mid!r} (first on line {seen[mid]})")
-        seen[mid] = line
+        mid = c.unique("id", seen)
         deprecated, replacement = c.pattern("deprecated"), c.pattern("replacement")
         m = Migration(
             id=mid,
@@ -225,10 +230,7 @@ def load_locality(path: str | Path | None = None) -> list[LocalitySnippet]:
     prompts: dict[str, int] = {}
     for line, obj in _records(path):
         c = _Checker(path, line, obj)
-        sid = c.str("id")
-        if sid in seen:
-            raise c.fail("id", f"duplicate id {sid!r} (first on line {seen[sid]})")
-        seen[sid] = line
+        sid = c.unique("id", seen)
         prompt, completion = c.str("prompt"), c.str("completion")
         if not prompt.endswith("\n"):
             raise c.fail("prompt", "must end with a newline")
