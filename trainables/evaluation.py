@@ -17,9 +17,12 @@ import difflib
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trainables.apicheck import check_completion
+
+if TYPE_CHECKING:  # torch is imported lazily so that `--help` stays fast
+    import torch
 
 # Completions are one line of <= 90 characters: ~30 BPE tokens on code; 48 leaves headroom.
 MAX_NEW_TOKENS = 48
@@ -40,7 +43,7 @@ def first_line(text: str) -> str:
     return text.split("\n", 1)[0]
 
 
-def _newline_ids(tokenizer) -> "torch.Tensor":
+def _newline_ids(tokenizer) -> torch.Tensor:
     """Ids of tokens whose text contains a newline: a completion ends at the first one."""
     import torch
 
