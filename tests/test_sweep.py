@@ -180,3 +180,18 @@ def test_logical_gpus_run_trials_side_by_side(tmp_path, small_testbed):
             assert peak == 2 and overlapping and all(a[2] != b[2] for a, b in overlapping), spans
         else:  # four at once, two per GPU
             assert peak == 4 and sorted(s[2] for s in spans) == ["0", "0", "1", "1"], spans
+
+
+@pytest.mark.slow
+def test_workers_per_trial_runs_ddp_through_ray_train(tmp_path, small_testbed):
+    """--workers-per-trial 2: each trial is a TorchTrainer with two DDP workers (~30 s start-up)."""
+    import re
+
+    home = tmp_path / "mlruns"
+    out = sweep("lora", "--smoke-test", "--workers-per-trial", "2", "--name", "ddp", "--mlruns", str(home))
+    assert out.returncode == 0, out.stderr[-3000:]
+    workers = set(re.findall(r"RayTrainWorker pid=(\d+)", out.stdout + out.stderr))
+    assert len(workers) >= 2, "no DDP workers ran"
+    _, kids = children_of(mlflow_runs(home, "lora"), "ddp")
+    assert len(kids) == 2 and all(k["tags"]["trial_status"] == "completed" for k in kids)
+    assert all("generalization" in k["metrics"] for k in kids)

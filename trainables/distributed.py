@@ -28,7 +28,9 @@ def run_ddp_trial(worker_fn: Callable[[dict], None], config: dict, workers: int,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            # 0.99: the Tune function driving this trainer holds 0.01 CPU, so on 2 CPUs two
+            # 1-CPU workers would never fit (DESIGN s5: "two trainers never run at once").
+            resources_per_worker={"CPU": cpus_per_worker * 0.99, **({"GPU": 1} if use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
             name=f"{ctx.get_experiment_name()}-{ctx.get_trial_id()}-ddp",
