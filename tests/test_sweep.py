@@ -195,3 +195,14 @@ def test_workers_per_trial_runs_ddp_through_ray_train(tmp_path, small_testbed):
     _, kids = children_of(mlflow_runs(home, "lora"), "ddp")
     assert len(kids) == 2 and all(k["tags"]["trial_status"] == "completed" for k in kids)
     assert all("generalization" in k["metrics"] for k in kids)
+
+
+def test_multi_objective_sweep_prints_a_pareto_front(tmp_path, small_testbed):
+    home = tmp_path / "mlruns"
+    out = sweep("lora", "--num-samples", "3", "--max-epochs", "2", "--multi-objective", "--name", "mo",
+                "--mlruns", str(home))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Pareto front (efficacy, locality):" in out.stdout
+    parent, kids = children_of(mlflow_runs(home, "lora"), "mo")
+    assert len(kids) == 3 and all("efficacy" in k["metrics"] for k in kids)
+    assert [p for p in (home / "artifacts").rglob("pareto.json") if parent["id"] in p.parts]
