@@ -121,13 +121,7 @@ def load_config_file(path: str, method: Method) -> tuple[dict, dict]:
         raise UsageError(f"--config {path}: expected a mapping with a 'config' mapping (export_best.py format)")
     if doc.get("method", method.name) != method.name:
         raise UsageError(f"--config {path}: exported for method {doc['method']!r}, not {method.name!r}")
-    cls = method.load_config_cls()
-    from trainables.common import config_from_dict
-
-    try:
-        config_from_dict(cls, {**method.fixed, **doc["config"]})
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"--config {path}: {e}") from None
+    # The values themselves are checked once the model's layer count is known (_run).
     return dict(doc["config"]), dict(doc.get("provenance") or {})
 
 
@@ -234,9 +228,8 @@ def _run(method: Method, args) -> int:
             raise UsageError(f"--config {args.config}: {e}") from None
     if args.tracking_uri is None:
         check_writable(home)
-    name = args.name or f"{method.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    if rerun_config is not None and not args.name:
-        name = f"{method.name}-rerun-{datetime.now():%Y%m%d-%H%M%S}"
+    kind = "-rerun" if rerun_config is not None else ""
+    name = args.name or f"{method.name}{kind}-{datetime.now():%Y%m%d-%H%M%S}"
     if not args.resume and (storage / name).exists():
         raise UsageError(f"a sweep named {name!r} already exists in {storage}: use --resume or another --name")
 

@@ -47,13 +47,14 @@ def main(argv=None) -> int:
 
     set_threads(args.threads)
     t0 = time.time()
-    base = base_locality(args.model, locality)
+    base = None  # scoring the base model itself: its own completions are the locality reference
     model, tokenizer = load_model(args.model)
     if args.adapter:
         from peft import PeftModel
 
+        base = base_locality(args.model, locality)
         model = PeftModel.from_pretrained(model, args.adapter)
-    metrics, _ = evaluate(model, tokenizer, migrations, locality, base if args.adapter else None)
+    metrics, _ = evaluate(model, tokenizer, migrations, locality, base)
     metrics["seconds"] = round(time.time() - t0, 1)
     if args.json:
         print(json.dumps({k: metrics[k] for k in ORDER + ["seconds"]}))
