@@ -145,9 +145,38 @@ def make_searcher(method: Method, n_layers: int, max_epochs: int, metric, mode, 
         """Tell ASHA-stopped trials to Optuna as PRUNED, not COMPLETE with a truncated metric,
         which would bias TPE towards configs that merely look good early (DESIGN s3)."""
 
+        # After a SIGKILL the experiment snapshot can hold a trial that the (separately saved)
+        # searcher snapshot never saw; its results then raised KeyError in OptunaSearch and
+        # crashed the resumed sweep. Such a trial skips intermediate reports and is added to
+        # the study as a finished trial from its config, so the history keeps it.
+        def on_trial_result(self, trial_id, result):
+            if trial_id in self._ot_trials:
+                super().on_trial_result(trial_id, result)
+
+        def _adopt(self, trial_id, result) -> bool:
+            if trial_id in self._ot_trials or trial_id in self._completed_trials:
+                return False
+            config = result.get("config") or {}
+            dists = {n: d for t in self._ot_study.trials for n, d in t.distributions.items()}
+            params = {n: config[n] for n in dists if n in config}
+            value = None if isinstance(self.metric, list) else result.get(self.metric)
+            values = [result.get(m) for m in self.metric] if isinstance(self.metric, list) else None
+            state = TrialState.COMPLETE if result.get("final") else TrialState.PRUNED
+            if any(v is None for v in (values or [value])) and state == TrialState.COMPLETE:
+                state = TrialState.FAIL
+            done = state == TrialState.COMPLETE
+            self._ot_study.add_trial(optuna.trial.create_trial(
+                params=params, distributions={n: dists[n] for n in params}, state=state,
+                value=value if done and values is None else None, values=values if done else None))
+            self._completed_trials.add(trial_id)
+            return True
+
         def on_trial_complete(self, trial_id, result=None, error=False):
+            if trial_id not in self._ot_trials:
+                self._adopt(trial_id, result or {})
+                return
             if (not error and result and not isinstance(self.metric, list) and not result.get("final")
-                    and trial_id in self._ot_trials and trial_id not in self._completed_trials):
+                    and trial_id not in self._completed_trials):
                 self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
                 self._completed_trials.add(trial_id)
                 return
