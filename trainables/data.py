@@ -251,3 +251,58 @@ def file_digest(*paths: str | Path) -> str:
     for p in paths:
         h.update(Path(p).read_bytes())
     return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- training pairs
+@dataclass(frozen=True)
+class TrainPair:
+    """One training example for every update method: ``prompt`` then the ``new`` (preferred)
+    or ``old`` (deprecated) continuation. ``source`` names the migration or ReCode record."""
+
+    prompt: str
+    old: str
+    new: str
+    source: str
+
+
+RECODE_FIELDS = ("dependency", "new_version", "description", "update_info", "old_code", "new_code")
+
+
+def detect_format(path: str | Path) -> str:
+    """``migrations`` (data/README.md) or ``recode`` (ReCode's api_update.jsonl), from the
+    first record's keys."""
+    for _, obj in _records(Path(path)):
+        if "train_contexts" in obj:
+            return "migrations"
+        if "old_code" in obj and "update_info" in obj:
+            return "recode"
+        return "migrations"  # let the migrations loader name the missing field
+    raise DataError(f"{path}: no records")
+
+
+def recode_pair(obj: dict[str, Any], source: str) -> TrainPair:
+    """A ReCode record as prompt + differing tail: the shared leading lines of old_code and
+    new_code go into the prompt after a comment with the update note, the rest is old / new."""
+    old_lines, new_lines = obj["old_code"].splitlines(), obj["new_code"].splitlines()
+    k = 0
+    while k < min(len(old_lines), len(new_lines)) - 1 and old_lines[k] == new_lines[k]:
+        k += 1
+    note = " ".join(str(obj["update_info"]).split())
+    header = f"# {obj['dependency']} {obj['new_version']}: {note}\n"
+    prompt = header + "".join(line + "\n" for line in old_lines[:k])
+    return TrainPair(prompt, "\n".join(old_lines[k:]), "\n".join(new_lines[k:]), source)
+
+
+def load_training_pairs(path: str | Path | None = None) -> list[TrainPair]:
+    """Training pairs from our migrations (their train contexts) or from a ReCode file."""
+    if path is None or detect_format(path) == "migrations":
+        return [TrainPair(c.prompt, c.old, c.new, m.id) for m in load_migrations(path) for c in m.train_contexts]
+    out = []
+    for line, obj in _records(Path(path)):
+        c = _Checker(Path(path), line, obj)
+        for f in RECODE_FIELDS:
+            c.str(f)
+        out.append(recode_pair(obj, f"{Path(path).name}:{line}"))
+    if not out:
+        raise DataError(f"{path}: no records")
+    return out

@@ -117,13 +117,11 @@ def attach_lora(model, cfg: LoraTrainConfig):
 
 
 def training_examples(tokenizer, dataset: str | None, max_length: int = 128) -> list[tuple[list[int], int]]:
-    """(ids, n_prompt) for each train context's prompt + new line (loss on the new line only)."""
-    from trainables.data import load_migrations
+    """(ids, n_prompt) for each training pair's prompt + new code (loss on the new code only)."""
+    from trainables.data import load_training_pairs
     from trainables.testbed import encode_pair
 
-    migrations = load_migrations(dataset)
-    return [encode_pair(tokenizer, c.prompt, c.new, max_length)
-            for m in migrations for c in m.train_contexts]
+    return [encode_pair(tokenizer, p.prompt, p.new, max_length) for p in load_training_pairs(dataset)]
 
 
 def _batch(examples, pad_id):
