@@ -16,6 +16,8 @@ from pathlib import Path
 
 from sweeps.methods import METHODS, Method
 
+STATUS_FAILED = "failed"  # = trainables.common.STATUS_FAILED (not imported: --help stays torch-free)
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_HOME = ROOT / "mlruns"
 
@@ -44,8 +46,15 @@ _positive_int = _number(int, 1, "a whole number")
 _nonneg_float = _number(float, 0, "a number")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as one line (``error: ...``), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(method: Method) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=f"sweeps/{method.name}.py",
         description=f"{method.summary} Optuna (TPE) search under Ray Tune with ASHA early stopping, "
                     f"tracked in MLflow (experiment '{method.name}').",
@@ -57,7 +66,12 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
     p.add_argument("--config", help="re-run one exported config (export_best.py YAML) once, no search")
     p.add_argument("--smoke-test", action="store_true", help="2 trials of 1 epoch: checks the whole path quickly")
     p.add_argument("--model", default="testbed", help="'testbed' (built locally), a hub id or a local path")
-    p.add_argument("--dataset", help="training migrations (JSONL, data/README.md format); default data/")
+    p.add_argument("--dataset", help="training data, JSONL: our migrations (data/README.md) or ReCode's "
+                                     "api_update.jsonl format, detected from the records; default data/. "
+                                     "Evaluation always uses data/")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="train on the good records of --dataset and report how many were skipped "
+                        "(default: the first bad record stops the sweep with its file, line and field)")
     p.add_argument("--address", help="join an existing Ray cluster (e.g. 'auto' or HOST:6379)")
     p.add_argument("--storage", help="trial results + checkpoints (a path shared by all nodes on a cluster); "
                                      "default mlruns/ray_results")
@@ -95,15 +109,40 @@ def check_model(model: str):
     return int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", 0)))
 
 
-def check_dataset(path: str | None) -> None:
+def check_dataset(path: str | None, skip_bad: bool = False) -> str | None:
+    """Validate --dataset once, in the driver; returns the file the trials read.
+
+    With bad records and ``skip_bad`` the good records' lines are written, unchanged, to a
+    content-keyed file in the cache (outside the repository) and the trials train on that, so
+    every method's trainable reads a clean file with its strict loader and the count of skipped
+    records is printed once here, not once per trial."""
     if path is None:
-        return
-    from trainables.data import DataError, load_migrations
+        return None
+    import hashlib
+
+    from trainables.data import DataError, scan_training_data
+    from trainables.testbed import cache_root
 
     try:
-        load_migrations(path)
+        scan = scan_training_data(path)
     except DataError as e:
         raise UsageError(f"--dataset: {e}") from None
+    if scan.bad and not skip_bad:
+        more = f" ({len(scan.bad)} bad records in all; --skip-bad trains on the other {len(scan.good_lines)})"
+        raise UsageError(f"--dataset: {scan.bad[0][1]}{more if len(scan.bad) > 1 or scan.good_lines else ''}")
+    if not scan.pairs:
+        raise UsageError(f"--dataset {path}: no usable records ({len(scan.bad)} bad)")
+    if not scan.bad:
+        return str(Path(path).resolve())
+    print(f"--dataset {scan.summary()}; training on {len(scan.pairs)} pairs", flush=True)
+    text = "".join(line + "\n" for line in scan.good_lines)
+    out = cache_root() / "datasets" / f"{Path(path).stem}-good-{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out)
+    return str(out)
 
 
 def load_config_file(path: str, method: Method) -> tuple[dict, dict]:
@@ -126,13 +165,34 @@ def load_config_file(path: str, method: Method) -> tuple[dict, dict]:
 
 
 def check_writable(home: Path) -> None:
+    """Create the MLflow home (the last check before anything is written) and prove it takes a
+    file. As root, permission bits do not stop writes, so this probes instead of os.access."""
+    made = [p for p in (home, *home.parents) if not p.exists()]
     try:
         home.mkdir(parents=True, exist_ok=True)
         probe = home / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise UsageError(f"MLflow home {home} is not writable ({e.strerror or e})") from None
+        for p in made:  # leave nothing behind
+            try:
+                p.rmdir()
+            except OSError:
+                pass
+        raise UsageError(f"--mlruns {home} is not a writable folder ({e.strerror or e})") from None
+
+
+def check_local_gpus(gpus: float | None) -> None:
+    """Before Ray starts on this machine: --gpus-per-trial must fit on it (torch's count is what a
+    local Ray would offer). On a cluster (--address) the nodes are asked after joining."""
+    if not gpus:
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > have:
+        raise UsageError(f"--gpus-per-trial {gpus:g}: this machine has {have} GPU(s); lower it, or pass "
+                         f"--address to use a cluster with larger nodes")
 
 
 # --------------------------------------------------------------------------- Optuna glue
@@ -220,7 +280,10 @@ def max_gpus_per_node() -> float:
 # --------------------------------------------------------------------------- main
 def main(method_name: str, argv: list[str] | None = None) -> int:
     method = METHODS[method_name]
-    args = build_parser(method).parse_args(argv)
+    try:
+        args = build_parser(method).parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad argument (2, one line already printed)
+        return int(e.code or 0)
     try:
         return _run(method, args)
     except UsageError as e:
@@ -243,9 +306,13 @@ def _run(method: Method, args) -> int:
         from ray.tune import Tuner
 
         if not Tuner.can_restore(str(storage / args.name)):
+            if (storage / args.name).is_dir():
+                # Killed in its first seconds, before Ray wrote the experiment snapshot.
+                raise UsageError(f"--resume: sweep {args.name!r} stopped before its first snapshot, so there is "
+                                 f"nothing to resume; start it again without --resume")
             raise UsageError(f"--resume: no sweep named {args.name!r} in {storage}")
     rerun_config, provenance = (load_config_file(args.config, method) if args.config else (None, {}))
-    check_dataset(args.dataset)
+    dataset = check_dataset(args.dataset, args.skip_bad)
     model = (rerun_config or {}).get("model", args.model)
     n_layers = check_model(model)
     if rerun_config is not None:
@@ -255,12 +322,21 @@ def _run(method: Method, args) -> int:
             config_from_dict(method.load_config_cls(), {**method.fixed, **rerun_config}).layer_range(n_layers)
         except (TypeError, ValueError) as e:
             raise UsageError(f"--config {args.config}: {e}") from None
-    if args.tracking_uri is None:
-        check_writable(home)
     kind = "-rerun" if rerun_config is not None else ""
     name = args.name or f"{method.name}{kind}-{datetime.now():%Y%m%d-%H%M%S}"
-    if not args.resume and (storage / name).exists():
-        raise UsageError(f"a sweep named {name!r} already exists in {storage}: use --resume or another --name")
+    if not args.resume:
+        from ray.tune import Tuner
+
+        # A folder without a snapshot (killed in its first seconds) may be started again.
+        if Tuner.can_restore(str(storage / name)):
+            raise UsageError(f"a sweep named {name!r} already exists in {storage}: use --resume or another --name")
+    if not args.address:
+        import ray
+
+        if not ray.is_initialized():  # else the running Ray's own GPU count is checked below
+            check_local_gpus(args.gpus_per_trial)
+    if args.tracking_uri is None:
+        check_writable(home)
 
     resources = init_ray(args)
     gpus_here = max_gpus_per_node()
@@ -289,41 +365,43 @@ def _run(method: Method, args) -> int:
 
     base_locality(model, load_locality())
 
-    from sweeps.tracking import MlflowTracker, client_for, experiment_id, find_parent, mlflow_home_uri
+    from sweeps.tracking import (
+        MlflowTracker, client_for, experiment_id, find_parent, mlflow_home_uri, retry_locked,
+    )
 
     tracking_uri, artifact_root = mlflow_home_uri(home)
     tracking_uri = args.tracking_uri or tracking_uri
-    client = client_for(tracking_uri)
-    exp_id = experiment_id(client, method.name, artifact_root)
+    client = retry_locked(client_for, tracking_uri)
+    exp_id = retry_locked(experiment_id, client, method.name, artifact_root)
 
     fixed = {**method.fixed, "model": model, "threads": cpus, "workers": workers, "use_gpu": gpus > 0,
              "seed": args.seed, "_storage_path": str(storage)}
-    if args.dataset:
-        fixed["dataset"] = str(Path(args.dataset).resolve())
+    if dataset:
+        fixed["dataset"] = dataset
 
     from ray import tune
 
-    trainable = tune.with_resources(method.load_trainable(), trial_resources)
+    trainable = tune.with_resources(oom_guard(method.load_trainable()), trial_resources)
     if rerun_config is not None:
         # The exported config wins, except where this machine's resources are concerned.
         here = {k: fixed[k] for k in ("threads", "workers", "use_gpu", "_storage_path")}
         return _rerun(method, args, name, {**method.fixed, **rerun_config, **here}, provenance, trainable, storage,
                       client, exp_id, tracking_uri, artifact_root)
 
-    parent = find_parent(client, exp_id, name)
+    parent = retry_locked(find_parent, client, exp_id, name)
     if parent is None:
-        parent_id = client.create_run(exp_id, run_name=name, tags={
+        parent_id = retry_locked(client.create_run, exp_id, run_name=name, tags={
             "sweep": name, "kind": "sweep", "method": method.name}).info.run_id
         from mlflow.entities import Param
 
-        client.log_batch(parent_id, params=[Param(k, str(v)) for k, v in {
-            "num_samples": args.num_samples, "model": model, "dataset": args.dataset or "data/",
+        retry_locked(client.log_batch, parent_id, params=[Param(k, str(v)) for k, v in {
+            "num_samples": args.num_samples, "model": model, "dataset": args.dataset or "data/", "skip_bad": args.skip_bad,
             "seed": args.seed, "cpus_per_trial": cpus, "gpus_per_trial": gpus,
             "workers_per_trial": workers, "max_epochs": args.max_epochs,
             "multi_objective": args.multi_objective, "smoke_test": args.smoke_test}.items()])
     else:
         parent_id = parent.info.run_id
-        client.update_run(parent_id, status="RUNNING")
+        retry_locked(client.update_run, parent_id, status="RUNNING")
     tracker = MlflowTracker(tracking_uri, artifact_root, method.name, name, parent_id)
 
     max_epochs = 1 if args.smoke_test else args.max_epochs
@@ -369,10 +447,50 @@ def _run(method: Method, args) -> int:
     from sweeps import report
 
     summary = report.summarise(method, results, metric, args.multi_objective)
-    report.finish_parent(client, parent_id, storage / name, summary, home, method.name)
-    client.set_terminated(parent_id, "FINISHED")
+    retry_locked(report.finish_parent, client, parent_id, storage / name, summary, home, method.name)
+    retry_locked(client.set_terminated, parent_id, "FINISHED")
     report.print_summary(method, name, summary, time.time() - t0)
     return 0
+
+
+def _is_oom(e: BaseException) -> bool:
+    """torch.OutOfMemoryError (= torch.cuda.OutOfMemoryError), also when wrapped by another error."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def oom_guard(fn):
+    """Wrap a Tune function trainable: a trial that runs out of GPU memory ends as a finished
+    trial with ``trial_status = failed``, its ``failure_reason`` and ``objective = OOM_OBJECTIVE``
+    instead of an error. Tune then does not retry it (an OOM repeats for the same config on the
+    same GPU: retries would only burn GPU time), MLflow records why, and Optuna is told the
+    penalised value, so TPE learns to avoid that corner (a FAIL state is ignored by TPE)."""
+
+    def trial(config):
+        t0 = time.time()
+        try:
+            return fn(config)
+        except Exception as e:  # noqa: BLE001 - everything but an OOM is re-raised
+            if not _is_oom(e):
+                raise
+            from ray import tune
+
+            from trainables.common import OOM_OBJECTIVE
+
+            reason = f"{type(e).__module__}.{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"trial ran out of memory, recorded as failed: {reason}", flush=True)
+            tune.report({"objective": OOM_OBJECTIVE, "efficacy": 0.0, "generalization": 0.0, "locality": 0.0,
+                         "trial_status": STATUS_FAILED, "failure_reason": reason, "final": True,
+                         "trial_seconds": time.time() - t0})
+
+    trial.__name__ = getattr(fn, "__name__", "trial")
+    trial.__doc__ = fn.__doc__
+    return trial
 
 
 def _trial_dirname(trial) -> str:
@@ -399,6 +517,9 @@ def _rerun(method, args, name, config, provenance, trainable, storage, client, e
         print(f"error: the re-run failed: {res.error}", file=sys.stderr)
         return 1
     m = res.metrics or {}
+    if m.get("trial_status") == STATUS_FAILED:
+        print(f"error: the re-run failed: {m.get('failure_reason')}", file=sys.stderr)
+        return 1
     keys = ["objective", "efficacy", "generalization", "locality", "old_api_rate", "trainable_params",
             "trial_seconds", "trial_status"]
     print(f"re-run of {args.config} finished; MLflow run {name} in experiment {method.name}:")

@@ -9,7 +9,7 @@ import pytest
 from sweeps.methods import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOLS = {"evaluate.py", "export_best.py", "engine.py", "methods.py", "tracking.py", "report.py", "__init__.py"}
+TOOLS = {"evaluate.py", "export_best.py", "cua_eval.py", "compare.py", "engine.py", "methods.py", "tracking.py", "report.py", "__init__.py"}
 
 
 def test_every_method_has_its_script_and_space_and_nothing_else_does():

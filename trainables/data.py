@@ -70,8 +70,10 @@ class LocalitySnippet:
     completion: str
 
 
-def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, object) for each non-blank line; bad JSON or encoding -> DataError."""
+def _lines(path: Path) -> Iterator[tuple[int, str, dict[str, Any] | DataError]]:
+    """(line number, raw line, object or the DataError for that line) for each non-blank line.
+    Only a missing or non-UTF-8 file raises here: per-line problems are yielded, so a lenient
+    reader (``--skip-bad``) can step over them."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
@@ -85,10 +87,27 @@ def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: malformed JSON: {e.msg} (column {e.colno})") from None
+            yield n, line, DataError(f"{path}:{n}: malformed JSON: {e.msg} (column {e.colno})")
+            continue
         if not isinstance(obj, dict):
-            raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            yield n, line, DataError(f"{path}:{n}: expected a JSON object, got {_json_type(obj)}")
+            continue
+        yield n, line, obj
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) for each non-blank line; bad JSON or encoding -> DataError."""
+    for n, _, obj in _lines(path):
+        if isinstance(obj, DataError):
+            raise obj
         yield n, obj
+
+
+def _json_type(v: Any) -> str:
+    """The JSON name of a decoded value's type: messages say `null`, not `NoneType`."""
+    names = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string",
+             list: "array", dict: "object"}
+    return names.get(type(v), type(v).__name__)
 
 
 class _Checker:
@@ -103,7 +122,7 @@ class _Checker:
             raise self.fail(field, "missing")
         v = self.obj[field]
         if not isinstance(v, str):
-            raise self.fail(field, f"expected a string, got {type(v).__name__}")
+            raise self.fail(field, f"expected a string, got {_json_type(v)}")
         if not allow_empty and not v.strip():
             raise self.fail(field, "empty")
         return v
@@ -130,7 +149,7 @@ def _contexts(c: _Checker, field: str, minimum: int, deprecated: str, replacemen
     if raw is None:
         raise c.fail(field, "missing")
     if not isinstance(raw, list):
-        raise c.fail(field, f"expected a list, got {type(raw).__name__}")
+        raise c.fail(field, f"expected a list, got {_json_type(raw)}")
     if len(raw) < minimum:
         raise c.fail(field, f"need at least {minimum} contexts, got {len(raw)}")
     out = []
@@ -189,34 +208,43 @@ def _cached(default_path):
     return decorate
 
 
+def _migration(c: _Checker, seen: dict[str, int], prompts: dict[str, int]) -> Migration:
+    """One validated migration record. ``seen`` (ids) and ``prompts`` are updated only when the
+    record is good, so a skipped record never blocks a later one."""
+    mid = c.str("id")
+    if mid in seen:
+        raise c.fail("id", f"duplicate id {mid!r} (first on line {seen[mid]})")
+    deprecated, replacement = c.pattern("deprecated"), c.pattern("replacement")
+    m = Migration(
+        id=mid,
+        library=c.str("library"),
+        old_version=c.str("old_version"),
+        new_version=c.str("new_version"),
+        note=c.str("note"),
+        deprecated=deprecated,
+        replacement=replacement,
+        old_code=c.str("old_code"),
+        new_code=c.str("new_code"),
+        train_contexts=_contexts(c, "train_contexts", MIN_TRAIN_CONTEXTS, deprecated, replacement),
+        probe_contexts=_contexts(c, "probe_contexts", MIN_PROBE_CONTEXTS, deprecated, replacement),
+    )
+    mine: dict[str, int] = {}
+    for ctx in m.train_contexts + m.probe_contexts:
+        if ctx.prompt in prompts or ctx.prompt in mine:
+            first = prompts.get(ctx.prompt, c.line)
+            raise c.fail("prompt", f"duplicate prompt (also on line {first}): {ctx.prompt[:40]!r}")
+        mine[ctx.prompt] = c.line
+    seen[mid] = c.line
+    prompts.update(mine)
+    return m
+
+
 @_cached(migrations_path)
 def load_migrations(path: str | Path | None = None) -> list[Migration]:
     path = Path(path or migrations_path())
-    out: list[Migration] = []
     seen: dict[str, int] = {}
     prompts: dict[str, int] = {}
-    for line, obj in _records(path):
-        c = _Checker(path, line, obj)
-        mid = c.unique("id", seen)
-        deprecated, replacement = c.pattern("deprecated"), c.pattern("replacement")
-        m = Migration(
-            id=mid,
-            library=c.str("library"),
-            old_version=c.str("old_version"),
-            new_version=c.str("new_version"),
-            note=c.str("note"),
-            deprecated=deprecated,
-            replacement=replacement,
-            old_code=c.str("old_code"),
-            new_code=c.str("new_code"),
-            train_contexts=_contexts(c, "train_contexts", MIN_TRAIN_CONTEXTS, deprecated, replacement),
-            probe_contexts=_contexts(c, "probe_contexts", MIN_PROBE_CONTEXTS, deprecated, replacement),
-        )
-        for ctx in m.train_contexts + m.probe_contexts:
-            if ctx.prompt in prompts:
-                raise c.fail("prompt", f"duplicate prompt (also on line {prompts[ctx.prompt]}): {ctx.prompt[:40]!r}")
-            prompts[ctx.prompt] = line
-        out.append(m)
+    out = [_migration(_Checker(path, line, obj), seen, prompts) for line, obj in _records(path)]
     if not out:
         raise DataError(f"{path}: no records")
     return out
@@ -266,12 +294,20 @@ class TrainPair:
 
 
 RECODE_FIELDS = ("dependency", "new_version", "description", "update_info", "old_code", "new_code")
+# The update note heads the prompt as one comment line. ReCode's notes run up to ~400
+# characters; the testbed trains on 128 tokens per example and its 1,024-token BPE spends ~1
+# token per 2 characters of prose, so a long note crowds the code out of the window. Measured on
+# the 1,628 good ReCode pairs: notes cut at 160 characters left 125 pairs with no completion token
+# inside 128 tokens, at 100 characters 81 (those pairs add no loss; their rows are all -100).
+MAX_NOTE_CHARS = 100
 
 
 def detect_format(path: str | Path) -> str:
     """``migrations`` (data/README.md) or ``recode`` (ReCode's api_update.jsonl), from the
-    first record's keys."""
-    for _, obj in _records(Path(path)):
+    first well-formed record's keys."""
+    for _, _, obj in _lines(Path(path)):
+        if isinstance(obj, DataError):
+            continue
         if "train_contexts" in obj:
             return "migrations"
         if "old_code" in obj and "update_info" in obj:
@@ -280,29 +316,100 @@ def detect_format(path: str | Path) -> str:
     raise DataError(f"{path}: no records")
 
 
+def _recode_record(c: _Checker) -> TrainPair:
+    """One validated ReCode record as a training pair.
+
+    Every field must be a non-empty string (the public copy has 21 records, lines 661-681, with
+    ``update_info`` and ``old_code`` null), and ``new_code`` must differ from ``old_code``
+    (132 records are identical: no update to learn). The code itself need not parse: 89 of
+    ReCode's snippets do not (fragments, Python 2), and ReCode trains on them as text."""
+    for f in RECODE_FIELDS:
+        c.str(f)
+    if " ".join(c.obj["old_code"].split()) == " ".join(c.obj["new_code"].split()):
+        raise c.fail("new_code", "same as old_code (no API change to learn)")
+    return recode_pair(c.obj, f"{c.path.name}:{c.line}")
+
+
 def recode_pair(obj: dict[str, Any], source: str) -> TrainPair:
     """A ReCode record as prompt + differing tail: the shared leading lines of old_code and
-    new_code go into the prompt after a comment with the update note, the rest is old / new."""
+    new_code go into the prompt after a comment with the update note, the rest is old / new.
+
+    The comment reads ``# requires: <dependency><new_version>: <note>``, e.g.
+    ``# requires: pandas==2.0.0: DataFrame.append was removed ...``: the same
+    ``# requires:`` header the testbed's rare new-API files carry (testbed.version_tag)."""
     old_lines, new_lines = obj["old_code"].splitlines(), obj["new_code"].splitlines()
     k = 0
     while k < min(len(old_lines), len(new_lines)) - 1 and old_lines[k] == new_lines[k]:
         k += 1
     note = " ".join(str(obj["update_info"]).split())
-    header = f"# {obj['dependency']} {obj['new_version']}: {note}\n"
+    if len(note) > MAX_NOTE_CHARS:
+        note = note[: MAX_NOTE_CHARS - 3].rsplit(" ", 1)[0] + " ..."
+    version = str(obj["new_version"]).strip()
+    if version[:1].isdigit():
+        version = "==" + version
+    header = f"# requires: {str(obj['dependency']).strip().lower()}{version}: {note}\n"
     prompt = header + "".join(line + "\n" for line in old_lines[:k])
     return TrainPair(prompt, "\n".join(old_lines[k:]), "\n".join(new_lines[k:]), source)
 
 
-def load_training_pairs(path: str | Path | None = None) -> list[TrainPair]:
-    """Training pairs from our migrations (their train contexts) or from a ReCode file."""
-    if path is None or detect_format(path) == "migrations":
-        return [TrainPair(c.prompt, c.old, c.new, m.id) for m in load_migrations(path) for c in m.train_contexts]
-    out = []
-    for line, obj in _records(Path(path)):
-        c = _Checker(Path(path), line, obj)
-        for f in RECODE_FIELDS:
-            c.str(f)
-        out.append(recode_pair(obj, f"{Path(path).name}:{line}"))
-    if not out:
-        raise DataError(f"{path}: no records")
-    return out
+@dataclass(frozen=True)
+class DatasetScan:
+    """A training file read leniently: its format, the good records' pairs and raw lines, and
+    one message per bad record (``file:line: field 'f': what is wrong``)."""
+
+    path: Path
+    format: str
+    pairs: tuple[TrainPair, ...]
+    good_lines: tuple[str, ...]  # the raw JSON lines of the good records, in file order
+    bad: tuple[tuple[int, str], ...]  # (line, message) per bad record
+
+    def summary(self) -> str:
+        """One line for the driver to print once, e.g. ``skipped 21 bad records of 1781 ...``."""
+        if not self.bad:
+            return f"{self.path}: no bad records"
+        shown = ", ".join(str(n) for n, _ in self.bad[:12]) + (", ..." if len(self.bad) > 12 else "")
+        return (f"{self.path}: skipped {len(self.bad)} bad record(s) of {len(self.bad) + len(self.good_lines)} "
+                f"(lines {shown}); first: {self.bad[0][1]}")
+
+
+def scan_training_data(path: str | Path) -> DatasetScan:
+    """Read a training file of either format without stopping at bad records."""
+    path = Path(path)
+    fmt = detect_format(path)
+    pairs: list[TrainPair] = []
+    good: list[str] = []
+    bad: list[tuple[int, str]] = []
+    seen: dict[str, int] = {}
+    prompts: dict[str, int] = {}
+    for line, raw, obj in _lines(path):
+        if isinstance(obj, DataError):
+            bad.append((line, str(obj)))
+            continue
+        c = _Checker(path, line, obj)
+        try:
+            if fmt == "recode":
+                pairs.append(_recode_record(c))
+            else:
+                m = _migration(c, seen, prompts)
+                pairs += [TrainPair(x.prompt, x.old, x.new, m.id) for x in m.train_contexts]
+        except DataError as e:
+            bad.append((line, str(e)))
+            continue
+        good.append(raw)
+    return DatasetScan(path, fmt, tuple(pairs), tuple(good), tuple(bad))
+
+
+def load_training_pairs(path: str | Path | None = None, *, skip_bad: bool = False) -> list[TrainPair]:
+    """Training pairs from our migrations (their train contexts) or from a ReCode file.
+
+    Strict by default: the first bad record raises its one-line DataError. ``skip_bad``
+    trains on the good records and says nothing (the sweep engine reports the count once, in
+    the driver, from :func:`scan_training_data`)."""
+    if path is None:
+        return [TrainPair(c.prompt, c.old, c.new, m.id) for m in load_migrations() for c in m.train_contexts]
+    scan = scan_training_data(path)
+    if scan.bad and not skip_bad:
+        raise DataError(scan.bad[0][1])
+    if not scan.pairs:
+        raise DataError(f"{path}: no usable records" + (f" ({len(scan.bad)} bad)" if scan.bad else ""))
+    return list(scan.pairs)
