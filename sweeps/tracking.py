@@ -27,6 +27,27 @@ def mlflow_home_uri(home: Path) -> tuple[str, str]:
     return f"sqlite:///{home / 'mlflow.db'}", (home / "artifacts").as_uri()
 
 
+def _transient(e: Exception) -> bool:
+    """SQLite errors that go away when retried: another process holds the write lock, or creates
+    the schema of a fresh mlflow.db at the same moment (two sweeps started together)."""
+    text = f"{type(e).__name__}: {e}".lower()
+    return any(s in text for s in ("database is locked", "database table is locked", "already exists",
+                                   "unique constraint failed: alembic_version", "no such table"))
+
+
+def retry_locked(fn, *args, attempts: int = 10, **kwargs):
+    """Call ``fn`` again (0.2 s, 0.4 s, ... capped at 5 s; ~30 s in all) while SQLite says it is
+    busy. SQLite has one writer at a time, and two sweeps sharing one mlruns/ write at once;
+    its own busy timeout (5 s in SQLAlchemy's pysqlite default) is not always enough."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - only transient store errors are retried
+            if not _transient(e) or attempt == attempts - 1:
+                raise
+            time.sleep(min(5.0, 0.2 * 2**attempt))
+
+
 def client_for(tracking_uri: str):
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -59,8 +80,8 @@ def trial_status(result: dict | None, errored: bool) -> str:
         return STATUS_FAILED
     if not result:
         return STATUS_PRUNED
-    if result.get("trial_status") == STATUS_DIVERGED:
-        return STATUS_DIVERGED
+    if result.get("trial_status") in (STATUS_DIVERGED, STATUS_FAILED):  # failed: out of memory (engine.oom_guard)
+        return result["trial_status"]
     return STATUS_COMPLETED if result.get("final") else STATUS_PRUNED
 
 
@@ -97,19 +118,13 @@ class MlflowTracker(Callback):
     @property
     def client(self):
         if self._client is None:
-            self._client = client_for(self.tracking_uri)
-            self._exp_id = experiment_id(self._client, self.method, self.artifact_root)
+            self._client = retry_locked(client_for, self.tracking_uri)
+            self._exp_id = retry_locked(experiment_id, self._client, self.method, self.artifact_root)
         return self._client
 
     def _retry(self, fn, *args, **kwargs):
         """SQLite says 'database is locked' when another sweep writes at the same moment."""
-        for attempt in range(8):
-            try:
-                return fn(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001
-                if "locked" not in str(e).lower() or attempt == 7:
-                    raise
-                time.sleep(0.2 * 2**attempt)
+        return retry_locked(fn, *args, **kwargs)
 
     def run_id(self, trial) -> str:
         tid = trial.trial_id
@@ -160,8 +175,11 @@ class MlflowTracker(Callback):
         self._retry(client.set_tag, run_id, "trial_status", status)
         self._retry(client.set_tag, run_id, "config_json",
                     json.dumps({k: v for k, v in trial.config.items() if not k.startswith("_")}, default=str))
-        if result.get("gpu_ids") is not None:
-            self._retry(client.set_tag, run_id, "gpu_ids", str(result["gpu_ids"]))
+        for key in ("gpu_ids", "node_id", "node_ip"):  # where it ran (trainables.common.tune_reporter)
+            if result.get(key) is not None:
+                self._retry(client.set_tag, run_id, key, str(result[key]))
+        if result.get("failure_reason") and not errored:  # out of memory: a result, not an error
+            self._retry(client.set_tag, run_id, "failure_reason", str(result["failure_reason"])[:500])
         if result.get("diverged_reason"):
             self._retry(client.set_tag, run_id, "diverged_reason", str(result["diverged_reason"])[:4000])
         if errored and getattr(trial, "error_file", None):
@@ -181,7 +199,7 @@ class MlflowTracker(Callback):
                         self._retry(client.log_artifact, run_id, str(p))
                     except Exception as e:  # noqa: BLE001 - artifacts are secondary to the record
                         print(f"mlflow: could not log {p}: {e}")
-        self._retry(client.set_terminated, run_id, "FAILED" if errored else "FINISHED")
+        self._retry(client.set_terminated, run_id, "FAILED" if status == STATUS_FAILED else "FINISHED")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, errored=False)

@@ -19,6 +19,12 @@ from typing import Any, Callable
 # and TPE still learns that region is bad (a FAIL state would teach it nothing).
 DIVERGED_OBJECTIVE = -10.0
 
+# Objective of a trial that ran out of accelerator memory (torch.OutOfMemoryError). The engine
+# records it as a finished trial with this value rather than an Optuna FAIL: TPE builds its
+# good / bad densities from COMPLETE and PRUNED trials only (optuna/samplers/_tpe/sampler.py),
+# so a FAIL would teach it nothing and it would propose the same memory-hungry corner again.
+OOM_OBJECTIVE = DIVERGED_OBJECTIVE
+
 STATUS_COMPLETED = "completed"
 STATUS_PRUNED = "pruned"
 STATUS_DIVERGED = "diverged"
@@ -97,9 +103,13 @@ def tune_reporter() -> Reporter:
     import ray
 
     gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids())  # logical ids Ray assigned to this trial
+    ctx = ray.get_runtime_context()
+    # Where the trial ran: on a cluster the tracker tags each MLflow run with it.
+    where = {"gpu_ids": gpu_ids, "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
 
     def report(metrics: dict, ckpt_dir: str | None) -> None:
-        metrics = {**metrics, "gpu_ids": gpu_ids}
+        maybe_inject_report_fault()
+        metrics = {**metrics, **where}
         if ckpt_dir is None:
             tune.report(metrics)
         else:
@@ -164,6 +174,64 @@ def maybe_inject_fault(epoch: int) -> None:
         return
     os.close(fd)
     raise RuntimeError(f"injected fault after epoch {epoch} (APIUPDATE_FAULT)")
+
+
+def _claim(folder: Path, trial_id: str, taken: tuple[Path, ...] = ()) -> bool:
+    """True when ``trial_id`` is (or now becomes, first come first served across processes) the
+    one victim recorded in ``folder/victim``; a trial already named in ``taken`` cannot be."""
+    folder.mkdir(parents=True, exist_ok=True)
+    victim = folder / "victim"
+    if any(p.is_file() and p.read_text() == trial_id for p in taken):
+        return False
+    try:
+        fd = os.open(victim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return victim.read_text() == trial_id
+    with os.fdopen(fd, "w") as f:
+        f.write(trial_id)
+    return True
+
+
+def maybe_inject_report_fault() -> None:
+    """Fault injection at a Tune trial's report (any method), off unless APIUPDATE_FAULT says so.
+
+    Specs, comma-separated (each DIR is the fault's own folder of marker files):
+
+    - ``oom:DIR``: the first trial to report raises ``torch.cuda.OutOfMemoryError`` (as a real
+      CUDA OOM would, mid-training); only that trial, once.
+    - ``sigkill:DIR:K``: the first trial to report (not the ``oom`` victim) SIGKILLs its own
+      worker process, as the kernel's OOM killer or a preempted node would; it does so again at
+      each retry until it has been killed K times, so K > --max-failures marks it failed.
+    """
+    specs = [s for s in os.environ.get("APIUPDATE_FAULT", "").split(",") if s]
+    faults = {s.partition(":")[0]: s.partition(":")[2] for s in specs}
+    if "oom" not in faults and "sigkill" not in faults:
+        return
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id() or "?"
+    oom_dir = Path(faults["oom"]) if faults.get("oom") else None
+    if oom_dir is not None and _claim(oom_dir, trial_id) and not (oom_dir / "raised").exists():
+        (oom_dir / "raised").touch()
+        import torch
+
+        raise torch.cuda.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB (simulated by APIUPDATE_FAULT)")
+    if faults.get("sigkill"):
+        folder, _, times = faults["sigkill"].rpartition(":")
+        folder_p = Path(folder)
+        taken = (oom_dir / "victim",) if oom_dir is not None else ()
+        if not _claim(folder_p, trial_id, taken):
+            return
+        for k in range(1, int(times) + 1):
+            try:
+                fd = os.open(folder_p / f"kill-{k}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                continue
+            os.close(fd)
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def maybe_wait_at_barrier(timeout: float = 30.0) -> None:
