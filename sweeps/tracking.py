@@ -32,7 +32,7 @@ def _transient(e: Exception) -> bool:
     the schema of a fresh mlflow.db at the same moment (two sweeps started together)."""
     text = f"{type(e).__name__}: {e}".lower()
     return any(s in text for s in ("database is locked", "database table is locked", "already exists",
-                                   "unique constraint failed: alembic_version", "no such table"))
+                                   "alembic_version", "out-of-date database schema", "no such table"))
 
 
 def retry_locked(fn, *args, attempts: int = 10, **kwargs):
@@ -49,11 +49,22 @@ def retry_locked(fn, *args, attempts: int = 10, **kwargs):
 
 
 def client_for(tracking_uri: str):
+    """An MlflowClient whose store is ready. A fresh SQLite store is created under a file lock
+    beside it: two sweeps started together on one new mlruns/ both ran MLflow's schema
+    migrations and one died ("UPDATE statement on table 'alembic_version' expected to match one
+    row ... 0 found", tests/test_hardening.py); retries alone cannot undo a half-run migration."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(tracking_uri)
-    return MlflowClient(tracking_uri)
+    if not tracking_uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri)
+    from filelock import FileLock
+
+    with FileLock(tracking_uri[len("sqlite:///"):] + ".lock", timeout=300):
+        client = MlflowClient(tracking_uri)
+        retry_locked(client.search_experiments, max_results=1)  # creates / migrates the schema
+    return client
 
 
 def experiment_id(client, name: str, artifact_root: str | None) -> str:

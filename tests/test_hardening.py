@@ -190,17 +190,25 @@ def test_driver_sigkilled_three_times_then_resumed(tmp_path, small_testbed):
 
     seed = int(os.environ.get("APIUPDATE_TEST_SEED", time.time_ns() % 100_000))
     rng = random.Random(seed)
-    home, n, name = tmp_path / "mlruns", 6, "killed3"
+    home, n, name = tmp_path / "mlruns", 8, "killed3"
     base = [sys.executable, "sweeps/hier_lora.py", "--num-samples", str(n), "--max-epochs", "2", "--name", name,
             "--mlruns", str(home), "--seed", "1"]
     experiment = home / "ray_results" / name
     kills = []
-    for _ in range(3):
+    for k in range(3):
         resume = ["--resume"] if Tuner.can_restore(str(experiment)) else []
-        proc = subprocess.Popen(base + resume, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        delay = rng.uniform(6.0, 25.0)  # ~8 s of start-up, then trials: from before the first to mid-sweep
+        log = tmp_path / f"run{k}.log"
+        with log.open("w") as f:
+            proc = subprocess.Popen(base + resume, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        # The random moment is counted from the banner the driver prints just before Tuner.fit
+        # (start-up takes 10-60 s depending on load): 0-20 s covers trials starting, reporting,
+        # checkpointing and finishing, and the snapshots in between.
+        delay = rng.uniform(0.0, 20.0)
         try:
+            deadline = time.time() + 240
+            while f"sweep {name}:" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.2)
             finished = proc.wait(timeout=delay) is not None
         except subprocess.TimeoutExpired:
             finished = False
@@ -211,7 +219,7 @@ def test_driver_sigkilled_three_times_then_resumed(tmp_path, small_testbed):
                 pass
             proc.wait()
         kills.append(round(delay, 1))
-        assert not finished, f"the sweep finished before kill {len(kills)} (seed {seed}, kills {kills})"
+        assert not finished, f"the sweep ended before kill {k + 1} (seed {seed}, kills {kills}): {log.read_text()[-2000:]}"
     out = sweep("hier_lora", *base[2:], "--resume")
     assert out.returncode == 0, f"seed {seed}, kills {kills}: {out.stderr[-3000:]}"
     parent, kids = children_of(mlflow_runs(home, "hier_lora"), name)
