@@ -330,21 +330,23 @@ def _run(method: Method, args) -> int:
         # A folder without a snapshot (killed in its first seconds) may be started again.
         if Tuner.can_restore(str(storage / name)):
             raise UsageError(f"a sweep named {name!r} already exists in {storage}: use --resume or another --name")
+    if args.gpus_per_trial is not None and args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial):
+        raise UsageError("--gpus-per-trial above 1 must be a whole number")
     if not args.address:
         import ray
 
         if not ray.is_initialized():  # else the running Ray's own GPU count is checked below
             check_local_gpus(args.gpus_per_trial)
-    if args.tracking_uri is None:
-        check_writable(home)
+        if args.tracking_uri is None:
+            check_writable(home)
 
     resources = init_ray(args)
     gpus_here = max_gpus_per_node()
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if gpus_here >= 1 else 0.0)
     if gpus > 0 and gpus > max(gpus_here, 0.0):
         raise UsageError(f"--gpus-per-trial {gpus:g}: no node offers that many GPUs (largest: {gpus_here:g})")
-    if gpus > 1 and gpus != int(gpus):
-        raise UsageError("--gpus-per-trial above 1 must be a whole number")
+    if args.address and args.tracking_uri is None:  # on a cluster: only once the nodes have been asked
+        check_writable(home)
     cpus = args.cpus_per_trial
     workers = args.workers_per_trial
     if workers > 1:

@@ -256,6 +256,11 @@ def test_two_node_cluster_spreads_trials_and_shares_storage(tmp_path, small_test
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
+        # Asked of the cluster's nodes (no GPUs here), and nothing written.
+        assert main("lora", ["--gpus-per-trial", "1", "--name", "nogpu", "--mlruns", str(tmp_path / "nogpu"),
+                             "--address", cluster.address]) == 2
+        assert not (tmp_path / "nogpu").exists()
+        ray.shutdown()
         code = main("lora", ["--num-samples", "2", "--max-epochs", "1", "--name", "cluster", "--mlruns", str(home),
                              "--storage", str(storage), "--address", cluster.address])
         assert code == 0
