@@ -1,0 +1,36 @@
+"""GRPO search space: optimiser, GRPO loss, KL and sampling, reward weights, adapters and their
+layer range.
+
+The group size and temperature decide how often a group holds both an old-API and a new-API
+completion (the only groups with a learning signal: GRPO's advantage is relative within the
+group). Reward weights are searched on [0, 1] each; ``api`` keeps a floor of 0.25 so every trial
+rewards what the evaluation scores.
+"""
+from __future__ import annotations
+
+from trainables.grpo import LOSS_TYPES
+
+
+def space(trial, n_layers: int, max_epochs: int = 4) -> dict:
+    trial.suggest_float("lr", 3e-4, 1e-2, log=True)
+    trial.suggest_float("beta", 0.0, 0.1)
+    trial.suggest_categorical("loss_type", list(LOSS_TYPES))
+    clip = trial.suggest_categorical("clip", [True, False])
+    trial.suggest_float("warmup_ratio", 0.0, 0.2)
+    trial.suggest_categorical("num_generations", [4, 8])
+    trial.suggest_float("temperature", 0.8, 1.5)
+    trial.suggest_float("w_execution", 0.0, 1.0)
+    trial.suggest_float("w_tests", 0.0, 1.0)
+    trial.suggest_float("w_api", 0.25, 1.0)
+    trial.suggest_float("w_format", 0.0, 1.0)
+    trial.suggest_categorical("r", [4, 8, 16])
+    trial.suggest_categorical("target", ["attn", "mlp", "all"])
+    trial.suggest_int("epochs", 1, max_epochs)
+    start = trial.suggest_int("layer_start", 0, n_layers - 1)
+    span = trial.suggest_int("layer_span", 1, n_layers)
+    fixed: dict = {"hierarchical": True, "layer_end": min(start + span, n_layers)}
+    if clip:
+        trial.suggest_float("max_grad_norm", 0.1, 10.0, log=True)
+    else:
+        fixed["max_grad_norm"] = None
+    return fixed

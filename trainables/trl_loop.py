@@ -1,0 +1,173 @@
+"""What the TRL trainables (``dpo``, ``grpo``) share: adapter fields, TrainingArguments on the
+CPU, and a callback that bridges a ``transformers.Trainer`` to our Reporter.
+
+The bridge, per epoch: the divergence guard on every logged step (loss and grad_norm), the
+shared evaluation when the Trainer saves its epoch checkpoint (quick, full on the last epoch),
+and one report with that checkpoint folder (adapter + optimizer + scheduler + RNG +
+``trainer_state.json`` + the guard's state), so a resumed trial calls
+``trainer.train(resume_from_checkpoint=...)`` and continues at the next epoch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+from trainables.common import (
+    DIVERGED_OBJECTIVE, STATUS_COMPLETED, STATUS_DIVERGED, DivergenceGuard, Diverged, Reporter, set_threads,
+)
+
+# Clipping "off" still has the Trainer compute the gradient norm (the guard reads it): a bound
+# no gradient of these adapters reaches (their norms here are < 100) clips nothing.
+NO_CLIP = 1.0e9
+
+
+def bos_text(tokenizer) -> str:
+    """TRL tokenizes prompts with add_special_tokens=False, but the testbed (and the shared
+    evaluation) always starts with BOS: put it in the prompt text so training sees what the
+    evaluation sees."""
+    return tokenizer.bos_token or ""
+
+
+def training_args(cls, cfg, out_dir: str, batch_size: int, **extra):
+    """``DPOConfig`` / ``GRPOConfig`` with the CPU facts of DESIGN s5 applied: bf16 off (it
+    defaults on and is 5x slower on the CPU), gradient checkpointing off, report_to none, one
+    log per step (the divergence guard and the reward logs), one checkpoint per epoch."""
+    import torch
+
+    return cls(
+        output_dir=out_dir,
+        per_device_train_batch_size=batch_size,
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.schedule,
+        warmup_steps=float(cfg.warmup_ratio),  # a float in [0, 1) is a ratio (transformers 5)
+        max_grad_norm=NO_CLIP if cfg.max_grad_norm is None else cfg.max_grad_norm,
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="epoch",
+        save_total_limit=1,
+        report_to="none",
+        use_cpu=not (cfg.use_gpu and torch.cuda.is_available()),
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **extra,
+    )
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def make_bridge(cfg, reporter: Reporter, model, tokenizer, eval_data, common: dict, t_start: float,
+                guard: DivergenceGuard, log_keys: tuple[str, ...]):
+    """A TrainerCallback: guard each logged step, evaluate + report at each epoch checkpoint."""
+    from transformers import TrainerCallback
+
+    from trainables.evaluation import evaluate
+
+    migrations, locality, base_loc = eval_data
+
+    class Bridge(TrainerCallback):
+        def __init__(self) -> None:
+            self.epoch_logs: list[dict] = []
+            self.steps: list[dict] = []  # every logged step, saved with each checkpoint
+            self.last: dict = {}
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" in logs:
+                row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+                self.steps.append(row)
+                self.epoch_logs.append(row)
+                guard.check(state.global_step, float(logs["loss"]), float(logs.get("grad_norm", 0.0)))
+
+        def on_save(self, args, state, control, **kwargs):
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            final = state.global_step >= state.max_steps
+            metrics, preds = evaluate(model, tokenizer, migrations, locality, base_loc, quick=not final)
+            means = {k.replace("/", "_"): _mean([r.get(k) for r in self.epoch_logs]) for k in ("loss", *log_keys)}
+            metrics.update(common, **means, train_loss=means["loss"], epoch=int(round(state.epoch or 0)),
+                           step=state.global_step, total_steps=state.max_steps,
+                           trial_seconds=time.time() - t_start, final=final,
+                           trial_status=STATUS_COMPLETED if final else "running")
+            (ckpt / "guard.json").write_text(json.dumps([guard.first, guard.ema]))
+            (ckpt / "log_history.json").write_text(json.dumps(self.steps))
+            if final:
+                (ckpt / "predictions.json").write_text(json.dumps([asdict(p) for p in preds[:200]]))
+                (ckpt / "config.json").write_text(json.dumps(asdict(cfg), default=str))
+            self.epoch_logs = []
+            self.last = metrics
+            reporter.report(metrics, str(ckpt))
+
+    return Bridge()
+
+
+def run_trainer(cfg, reporter: Reporter, build: Callable[[Any, Any, str], Any], log_keys: tuple[str, ...],
+                eval_data=None, adapter_out: str | None = None) -> dict:
+    """Load the model, attach the adapters, ``build(model, tokenizer, out_dir)`` a TRL trainer,
+    train with the bridge (resuming from the reporter's checkpoint), return the final metrics."""
+    import torch
+
+    from trainables.data import load_locality, load_migrations
+    from trainables.evaluation import base_locality
+    from trainables.lora import attach_lora, trainable_parameters
+    from trainables.models import load_model, num_layers
+
+    set_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t_start = time.time()
+    device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_model(cfg.model, device=device)
+    cfg.layer_range(num_layers(model))  # fail fast on a bad range
+    model = attach_lora(model, cfg)
+    if eval_data is None:
+        locality = load_locality()
+        eval_data = (load_migrations(), locality, base_locality(cfg.model, locality))
+    guard = DivergenceGuard()
+    common = {"trainable_params": trainable_parameters(model), "started_at": t_start}
+    out_dir = tempfile.mkdtemp(prefix=f"{type(cfg).__name__.lower()}-")
+    bridge = make_bridge(cfg, reporter, model, tokenizer, eval_data, common, t_start, guard, log_keys)
+    resume = reporter.restore()
+    if resume and not Path(resume, "trainer_state.json").is_file():
+        print(f"checkpoint in {resume} has no trainer_state.json; restarting the trial from scratch", flush=True)
+        resume = None
+    if resume:
+        try:
+            guard.first, guard.ema = json.loads(Path(resume, "guard.json").read_text())
+            bridge.steps = json.loads(Path(resume, "log_history.json").read_text())
+        except (OSError, ValueError):
+            pass
+        print(f"resuming from {resume}", flush=True)
+    try:
+        trainer = build(model, tokenizer, out_dir)
+        trainer.add_callback(bridge)
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # disable_tqdm adds it: one dict per step on stdout
+        trainer.train(resume_from_checkpoint=resume)
+        metrics = bridge.last
+        if adapter_out:
+            model.save_pretrained(adapter_out)
+    except Diverged as e:
+        print(f"diverged: {e}", flush=True)
+        losses = [r["loss"] for r in bridge.steps if "loss" in r]
+        metrics = {**common, "objective": DIVERGED_OBJECTIVE, "efficacy": 0.0, "generalization": 0.0,
+                   "locality": 0.0, "train_loss": losses[-1] if losses else float("nan"),
+                   "step": len(bridge.steps), "trial_seconds": time.time() - t_start, "final": True,
+                   "trial_status": STATUS_DIVERGED, "diverged_reason": str(e)}
+        reporter.report(metrics, None)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return metrics
