@@ -49,4 +49,14 @@ METHODS: dict[str, Method] = {
         "search_spaces.hier_lora:space", {"hierarchical": True},
         "Hierarchical LoRA: adapters on a searched range of layers only.",
     ),
+    "dpo": Method(
+        "dpo", "trainables.dpo:DpoTrainConfig", "trainables.dpo:trainable", "trainables.dpo:run_once",
+        "search_spaces.dpo:space", {"hierarchical": True},
+        "DPO (TRL) on LoRA / hierarchical-LoRA adapters: chosen = new API, rejected = old API.",
+    ),
+    "grpo": Method(
+        "grpo", "trainables.grpo:GrpoTrainConfig", "trainables.grpo:trainable", "trainables.grpo:run_once",
+        "search_spaces.grpo:space", {"hierarchical": True},
+        "GRPO (TRL) on LoRA / hierarchical-LoRA adapters; rewards: execution, tests, API, format.",
+    ),
 }
