@@ -9,6 +9,12 @@ the floor that no sandbox can beat. Run from the repo root:
 
 With ``--json`` the last line is one JSON object, e.g.
 {"calls_per_second": 45.1, "calls_per_second_parallel2": 57.3, "backend": "bwrap", ...}.
+
+GRPO reward throughput (``--reward-steps N``, 0 skips it): N simulated GRPO steps of 8 prompts x
+8 completions from data/ (the migrated line, the old line, a novel variant of the migrated line,
+a syntax error, in a fixed mix) scored by ``trainables.rewards.RewardScorer`` (one batched
+sandbox call per step, contexts prepared once), as ``rewards_per_second``; and the same
+completions' distinct programs run one sandbox call each, as ``rewards_per_second_unbatched``.
 """
 
 from __future__ import annotations
@@ -51,11 +57,56 @@ def interpreter_rate(calls: int, flags: list[str]) -> float:
     return calls / (time.perf_counter() - start)
 
 
+def reward_rates(steps: int, seed: int = 0) -> dict:
+    """Rewards per second of the batched scorer vs one sandbox call per distinct program."""
+    import random
+
+    from trainables.data import load_migrations
+    from trainables.rewards import RewardScorer, records_from_migrations
+    from trainables.testbed import cache_root
+
+    rng = random.Random(seed)
+    records = list(records_from_migrations(load_migrations()).values())
+    scorer = RewardScorer()
+    t0 = time.perf_counter()
+    scorer.prepare(records, cache_dir=cache_root() / "rewards")  # once per machine; then from disk
+    prepare_s = time.perf_counter() - t0
+    batches = []
+    for step in range(steps):
+        prompts, completions, recs = [], [], []
+        for rec in rng.sample(records, 8):
+            for g in range(8):
+                kind = g % 4
+                line = [rec.reference, rec.old or rec.reference, f"{rec.reference}  # {step}.{g}",
+                        rec.reference[:-1]][kind]
+                prompts.append(rec.prompt)
+                completions.append(line + "\n")
+                recs.append(rec)
+        batches.append((prompts, completions, recs))
+    t0 = time.perf_counter()
+    n = 0
+    for prompts, completions, recs in batches:
+        n += len(scorer.score(prompts, completions, recs))
+    batched = n / (time.perf_counter() - t0)
+    # unbatched: what the same steps cost with one sandbox call per distinct runnable program
+    programs = list(dict.fromkeys(p + c for ps, cs, rs in batches for p, c, r in zip(ps, cs, rs)
+                                  if scorer.runnable(r)))[: max(8, 4 * steps)]
+    t0 = time.perf_counter()
+    for prog in programs:
+        run_code(prog, timeout=3.0, memory_mb=2048)
+    unbatched = len(programs) / (time.perf_counter() - t0)
+    return {"rewards_per_second": round(batched, 1), "rewards_per_second_unbatched_programs": round(unbatched, 2),
+            "reward_steps": steps, "reward_sandbox_calls": scorer.sandbox_calls,
+            "reward_programs_run": scorer.programs_run, "reward_prepare_seconds": round(prepare_s, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=100, help="calls per measurement")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="containment to measure (default: the detected one)")
+    parser.add_argument("--reward-steps", type=int, default=3,
+                        help="simulated GRPO steps (8 prompts x 8 completions) for rewards/s; 0 skips")
     parser.add_argument("--json", action="store_true", help="print one JSON line last")
     args = parser.parse_args()
 
@@ -69,6 +120,8 @@ def main() -> None:
         "python_IS_calls_per_second": round(interpreter_rate(args.calls // 2, ["-I", "-S"]), 1),
         "calls": args.calls,
     }
+    if args.reward_steps > 0:
+        result.update(reward_rates(args.reward_steps))
     if args.json:
         print(json.dumps(result))
     else:
