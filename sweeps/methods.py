@@ -49,6 +49,12 @@ METHODS: dict[str, Method] = {
         "search_spaces.hier_lora:space", {"hierarchical": True},
         "Hierarchical LoRA: adapters on a searched range of layers only.",
     ),
+    "prompt": Method(
+        "prompt", "trainables.prompt:PromptConfig", "trainables.prompt:trainable", "trainables.prompt:run_once",
+        "search_spaces.prompt:space", {},
+        "Rules + prompt baseline: update knowledge as comment lines before the code prompt (basic, "
+        "context, rules, chain of thought); nothing is trained.",
+    ),
     "dpo": Method(
         "dpo", "trainables.dpo:DpoTrainConfig", "trainables.dpo:trainable", "trainables.dpo:run_once",
         "search_spaces.dpo:space", {"hierarchical": True},

@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""One comparison: the best trial of every method that has run, from MLflow.
+
+    python sweeps/compare.py                 # table on stdout + compare.md / compare.png / compare.json
+    python sweeps/compare.py --json          # the rows as one JSON line
+
+Best = the completed trial (tag trial_status = completed; pruned, diverged and failed trials
+are left out) with the highest ``objective``, the number every sweep maximises, over all sweeps
+of the method in the store. Files go to <mlruns>/artifacts/compare/ (or --out).
+"""
+import argparse
+import json
+import math
+import pathlib
+import sys
+
+sys.path[0] = str(pathlib.Path(__file__).resolve().parent.parent)  # the project root, not sweeps/
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+COLUMNS = ("efficacy", "generalization", "locality", "api_correct", "objective", "trainable_params", "trial_seconds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sweeps/compare.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mlruns", default=str(ROOT / "mlruns"), help="MLflow home: mlflow.db + artifacts/")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<mlruns>/mlflow.db)")
+    p.add_argument("--methods", nargs="+", help="only these methods (default: every method in sweeps/methods.py)")
+    p.add_argument("--sweep", help="only trials of sweeps whose name starts with this")
+    p.add_argument("--out", help="folder for compare.md / compare.png / compare.json "
+                                 "(default <mlruns>/artifacts/compare)")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON line")
+    return p
+
+
+def best_rows(client, methods, sweep_prefix=None) -> list[dict]:
+    rows = []
+    for name in methods:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            continue
+        runs = client.search_runs([exp.experiment_id], "tags.kind = 'trial' and tags.trial_status = 'completed'",
+                                  order_by=["metrics.objective DESC"], max_results=5000)
+        runs = [r for r in runs if "objective" in r.data.metrics and math.isfinite(r.data.metrics["objective"])
+                and (not sweep_prefix or r.data.tags.get("sweep", "").startswith(sweep_prefix))]
+        if not runs:
+            continue
+        best = max(runs, key=lambda r: r.data.metrics["objective"])  # the store's order_by is not trusted with NaN
+        m = best.data.metrics
+        row = {"method": name, "sweep": best.data.tags.get("sweep", ""), "trial_id": best.data.tags.get("trial_id", ""),
+               "run_id": best.info.run_id, "trials": len(runs)}
+        for c in COLUMNS:
+            v = m.get(c)
+            row[c] = None if v is None else (int(v) if c == "trainable_params" else round(v, 4))
+        row["config"] = {k: v for k, v in sorted(best.data.params.items())
+                         if k not in ("model", "threads", "workers", "use_gpu", "seed", "dataset")}
+        row["dataset"] = best.data.params.get("dataset", "data/")
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ["method", "efficacy", "generalization", "locality", "api_correct", "trainable params", "trial s",
+            "objective", "sweep / trial"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def f(v, fmt="{:.3f}"):
+        return "-" if v is None else fmt.format(v)
+
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["method"], f(r["efficacy"]), f(r["generalization"]), f(r["locality"]), f(r["api_correct"]),
+            f(r["trainable_params"], "{:,}"), f(r["trial_seconds"], "{:.0f}"), f(r["objective"]),
+            f"{r['sweep']} / {r['trial_id']}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows: list[dict], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ("efficacy", "generalization", "locality", "api_correct")
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows) + 2), 4))
+    width = 0.8 / len(metrics)
+    for i, m in enumerate(metrics):
+        xs = [j + (i - (len(metrics) - 1) / 2) * width for j in range(len(rows))]
+        ax.bar(xs, [r[m] or 0 for r in rows], width, label=m)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{r['method']}\n{r['trainable_params'] or 0:,} params" for r in rows])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score (best trial by objective)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=len(metrics), frameon=False)
+    ax.set_title("Best trial per method")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from sweeps.methods import METHODS
+
+    methods = args.methods or list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        print(f"error: --methods: unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}",
+              file=sys.stderr)
+        return 2
+    home = pathlib.Path(args.mlruns).expanduser().resolve()
+    if args.tracking_uri is None and not (home / "mlflow.db").is_file():
+        print(f"error: no MLflow store at {home / 'mlflow.db'}: run a sweep first, or pass --mlruns / --tracking-uri",
+              file=sys.stderr)
+        return 2
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(args.tracking_uri or f"sqlite:///{home / 'mlflow.db'}")
+    rows = best_rows(client, methods, args.sweep)
+    if not rows:
+        print(f"error: no completed trial of {', '.join(methods)} in the store", file=sys.stderr)
+        return 1
+    out = pathlib.Path(args.out).expanduser() if args.out else home / "artifacts" / "compare"
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(rows)
+    (out / "compare.md").write_text("# Best trial per method\n\n" + md)
+    (out / "compare.json").write_text(json.dumps(rows, indent=1))
+    chart(rows, out / "compare.png")
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(md, end="")
+        print(f"written: {out / 'compare.md'}, {out / 'compare.png'}, {out / 'compare.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+#!/usr/bin/env python
+"""Rules + prompt baseline sweep: prompt strategy (basic, context, rules, chain of thought),
+the updates the comments describe, and the temperature; nothing is trained.
+
+    python sweeps/prompt.py --num-samples 8
+    python sweeps/prompt.py --resume --name NAME
+    python sweeps/prompt.py --config best.yaml
+"""
+import pathlib
+import sys
+
+sys.path[0] = str(pathlib.Path(__file__).resolve().parent.parent)  # the project root, not sweeps/
+
+from sweeps.engine import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main("prompt"))

@@ -1,0 +1,274 @@
+"""Rules + prompt baseline: no weights change; the prompt carries the update.
+
+Rules are extracted automatically from the migration data: for each migration, the line that
+``old_code`` -> ``new_code`` changes (difflib) gives a concrete rewrite, e.g.
+``df = df.append(row, ignore_index=True) -> df = pd.concat([df, row], ignore_index=True)``,
+and the ``deprecated`` / ``replacement`` AST patterns name the calls (``.append`` ->
+``pandas.concat``). Only ``old_code`` / ``new_code`` and the patterns are read, never the train
+or probe contexts, so no evaluation prompt leaks into a rule.
+
+Prompt strategies. The models scored here are base code LMs (the testbed has ~1 M parameters and
+256 positions): they do not follow instructions, so every strategy is a few *comment lines*
+placed before the unchanged code prompt, and the completion is scored by the shared evaluation
+(``trainables.evaluation.evaluate``) exactly like a trained method's:
+
+- ``basic``: the code prompt alone (the base model; the zero row of the comparison);
+- ``context``: a ``# requires: <lib>>=<version>`` line per library: the form in which real code
+  states its environment (requirements headers, PEP 723 ``dependencies``), and the form in which
+  the testbed saw its few new-API files (``trainables.testbed.version_tag``);
+- ``rules``: ``# <lib>>=<version>: <old line> -> <new line>`` rewrite rules;
+- ``cot``: "chain of thought" as far as a code model can take it: the version line, the rules
+  as numbered steps and a last step saying to write the new API. A 1 M-parameter model cannot
+  reason; this measures whether a step-by-step scaffold in comments helps or hurts completion.
+
+``knowledge`` says which updates the comments describe:
+
+- ``update``: the one migration the prompt belongs to (the relevant update is known, as in
+  CodeUpdateArena's update-in-context setting);
+- ``library``: what a deployment knows without that oracle: every library the prompt imports
+  at its newest version in the data, and the ``max_rules`` rules of those libraries whose old
+  line shares the most identifiers with the prompt.
+
+Locality prompts get the ``library`` comments in both settings (no migration belongs to them),
+so a strategy that derails unrelated code pays for it in ``locality``.
+
+``temperature > 0`` samples instead of greedy decoding: the shared greedy decoder runs on logits
+divided by the temperature plus Gumbel noise, whose argmax is an exact sample from
+``softmax(logits / T)`` (the Gumbel-max trick), so the evaluation code stays the one all methods
+share.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import json
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from trainables.common import STATUS_COMPLETED, Reporter, config_from_dict, local_reporter, set_threads, tune_reporter
+
+STRATEGIES = ("basic", "context", "rules", "cot")
+KNOWLEDGE = ("update", "library")
+
+
+@dataclass
+class PromptConfig:
+    """One evaluation of a prompt strategy. Nothing is trained (trainable_params = 0)."""
+
+    model: str = "testbed"
+    dataset: str | None = None  # migrations (data/README.md format) to extract rules from; None = data/
+    strategy: str = "rules"  # basic | context | rules | cot
+    knowledge: str = "update"  # update (the prompt's own migration) | library (imports only)
+    max_rules: int = 3  # library knowledge: rules per prompt; each costs ~25 of the testbed's 256 positions
+    temperature: float = 0.0  # 0 = greedy, as every trained method is scored
+    seed: int = 0
+    threads: int = 1
+    workers: int = 1  # accepted for the engine; a prompt evaluation runs in one process
+    use_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.knowledge not in KNOWLEDGE:
+            raise ValueError(f"knowledge must be one of {', '.join(KNOWLEDGE)}, got {self.knowledge!r}")
+        if not 1 <= self.max_rules <= 10:
+            raise ValueError(f"max_rules must be in [1, 10], got {self.max_rules}")
+        if not 0 <= self.temperature <= 2:
+            raise ValueError(f"temperature must be in [0, 2] (0 = greedy), got {self.temperature}")
+        if self.workers != 1:
+            raise ValueError("the prompt baseline runs in one process: use --workers-per-trial 1")
+
+    def layer_range(self, n_layers: int) -> tuple[int, int]:
+        """No layer is changed: the empty range."""
+        return 0, 0
+
+
+# --------------------------------------------------------------------------- rules
+@dataclass(frozen=True)
+class Rule:
+    migration: str
+    library: str
+    version: str
+    old: str  # the deprecated line of old_code
+    new: str  # its migrated line in new_code
+    deprecated: str  # AST patterns
+    replacement: str
+
+    def text(self) -> str:
+        return f"{self.library}>={self.version}: {self.old} -> {self.new}"
+
+
+def _version_key(v: str) -> tuple:
+    return tuple(int(x) if x.isdigit() else 0 for x in re.findall(r"\d+", v))
+
+
+def extract_rules(migrations) -> list[Rule]:
+    """One rule per migration: the first line that differs between old_code and new_code."""
+    rules = []
+    for m in migrations:
+        old, new = m.old_code.splitlines(), m.new_code.splitlines()
+        pair = None
+        for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes():
+            if tag == "replace":
+                pair = (old[i1].strip(), new[j1].strip())
+                break
+        if pair is None:  # a pure insertion or deletion: fall back to the patterns
+            pair = (m.deprecated, m.replacement)
+        rules.append(Rule(m.id, m.library, m.new_version, pair[0], pair[1], m.deprecated, m.replacement))
+    return rules
+
+
+def imported_libraries(prompt: str) -> list[str]:
+    """Top-level modules a prompt imports, in order (a prompt that does not parse: by regex)."""
+    try:
+        tree = ast.parse(prompt)
+        names = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names += [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.append(node.module.split(".")[0])
+    except SyntaxError:
+        names = re.findall(r"^\s*(?:from|import)\s+([A-Za-z_]\w*)", prompt, flags=re.M)
+    return list(dict.fromkeys(names))
+
+
+def _idents(text: str) -> set[str]:
+    return set(re.findall(r"[A-Za-z_]\w*", text))
+
+
+class PromptBuilder:
+    """Comment headers for a strategy, from the rules of a migration set."""
+
+    def __init__(self, rules: list[Rule], strategy: str, knowledge: str, max_rules: int):
+        self.strategy, self.knowledge, self.max_rules = strategy, knowledge, max_rules
+        self.by_migration = {r.migration: r for r in rules}
+        self.by_library: dict[str, list[Rule]] = {}
+        for r in rules:
+            self.by_library.setdefault(r.library, []).append(r)
+        self.newest = {lib: max((r.version for r in rs), key=_version_key) for lib, rs in self.by_library.items()}
+
+    def _library_knowledge(self, prompt: str) -> tuple[list[tuple[str, str]], list[Rule]]:
+        libs = [lib for lib in imported_libraries(prompt) if lib in self.by_library]
+        versions = [(lib, self.newest[lib]) for lib in libs]
+        words = _idents(prompt)
+        ranked = sorted((r for lib in libs for r in self.by_library[lib]),
+                        key=lambda r: -len(words & _idents(r.old)))  # stable: data order breaks ties
+        return versions, ranked[: self.max_rules]
+
+    def header(self, prompt: str, migration: str | None) -> str:
+        if self.strategy == "basic":
+            return ""
+        if migration is not None and self.knowledge == "update":
+            r = self.by_migration[migration]
+            versions, rules = [(r.library, r.version)], [r]
+        else:
+            versions, rules = self._library_knowledge(prompt)
+        if not versions:
+            return ""
+        if self.strategy == "context":
+            return "".join(f"# requires: {lib}>={v}\n" for lib, v in versions)
+        if self.strategy == "rules":
+            return "".join(f"# rule: {r.text()}\n" for r in rules)
+        steps = ["# Let's think step by step."]
+        steps += [f"# requires: {lib}>={v}" for lib, v in versions]
+        steps += [f"# Step {i}: {r.library} {r.version} replaced `{r.old}` with `{r.new}`."
+                  for i, r in enumerate(rules, 1)]
+        steps.append(f"# Step {len(rules) + 1}: so the next line uses the new API.")
+        return "\n".join(steps) + "\n"
+
+    def apply(self, migrations, locality):
+        """Migrations and locality snippets with every prompt behind its header."""
+        out_m = []
+        for m in migrations:
+            def ctxs(cs):
+                return tuple(replace(c, prompt=self.header(c.prompt, m.id) + c.prompt) for c in cs)
+
+            out_m.append(replace(m, train_contexts=ctxs(m.train_contexts), probe_contexts=ctxs(m.probe_contexts)))
+        out_l = [replace(s, prompt=self.header(s.prompt, None) + s.prompt) for s in locality]
+        return out_m, out_l
+
+
+# --------------------------------------------------------------------------- sampling
+def gumbel_sampler(model, temperature: float, seed: int):
+    """``model`` whose next-token logits are ``logits / T + Gumbel noise``: the shared greedy
+    decoder (argmax) then draws exact samples from softmax(logits / T)."""
+    import torch
+
+    class GumbelSampler(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+            self.gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+
+        @property
+        def config(self):
+            return self.inner.config
+
+        def forward(self, *args, **kwargs):
+            out = self.inner(*args, **kwargs)
+            u = torch.rand(out.logits.shape, generator=self.gen, device=out.logits.device,
+                           dtype=out.logits.dtype).clamp_(1e-10, 1 - 1e-10)
+            out.logits = out.logits / temperature - torch.log(-torch.log(u))
+            return out
+
+    return GumbelSampler()
+
+
+# --------------------------------------------------------------------------- the trial
+def evaluate_prompt(cfg: PromptConfig, reporter: Reporter) -> dict:
+    """Evaluate once and report once (final). A restored checkpoint holds the finished
+    metrics: they are reported again rather than recomputed."""
+    import torch
+
+    from trainables.data import detect_format, load_locality, load_migrations
+    from trainables.evaluation import base_locality, evaluate
+    from trainables.models import load_model
+
+    set_threads(cfg.threads)
+    t0 = time.time()
+    restored = reporter.restore()
+    if restored and Path(restored, "metrics.json").is_file():
+        metrics = json.loads(Path(restored, "metrics.json").read_text())
+        reporter.report(metrics, restored)
+        return metrics
+    if cfg.dataset and detect_format(cfg.dataset) != "migrations":
+        raise ValueError(f"prompt: rules come from a migrations file (data/README.md format); "
+                         f"{cfg.dataset} is not one")
+    torch.manual_seed(cfg.seed)
+    device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_model(cfg.model, device=device)
+    migrations, locality = load_migrations(), load_locality()  # evaluation: always data/
+    rules = extract_rules(load_migrations(cfg.dataset) if cfg.dataset else migrations)
+    builder = PromptBuilder(rules, cfg.strategy, cfg.knowledge, cfg.max_rules)
+    base_loc = base_locality(cfg.model, locality)  # the plain prompts' greedy completions
+    eval_m, eval_l = builder.apply(migrations, locality)
+    scorer = gumbel_sampler(model, cfg.temperature, cfg.seed) if cfg.temperature > 0 else model
+    metrics, preds = evaluate(scorer, tokenizer, eval_m, eval_l, base_loc)
+    header_lines = [builder.header(c.prompt, m.id).count("\n") for m in migrations for c in m.probe_contexts]
+    metrics.update(trainable_params=0, trial_seconds=time.time() - t0, final=True, trial_status=STATUS_COMPLETED,
+                   epoch=1, header_lines=sum(header_lines) / max(1, len(header_lines)), n_rules=len(rules))
+    ckpt = tempfile.mkdtemp(prefix="ckpt-")
+    try:
+        Path(ckpt, "metrics.json").write_text(json.dumps(metrics))
+        Path(ckpt, "predictions.json").write_text(json.dumps([asdict(p) for p in preds[:200]]))
+        Path(ckpt, "config.json").write_text(json.dumps(asdict(cfg), default=str))
+        Path(ckpt, "rules.json").write_text(json.dumps([asdict(r) for r in rules], indent=1))
+        reporter.report(metrics, ckpt)
+    finally:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return metrics
+
+
+def trainable(config: dict) -> None:
+    """Ray Tune function trainable for `prompt`."""
+    evaluate_prompt(config_from_dict(PromptConfig, config), tune_reporter())
+
+
+def run_once(config: dict) -> dict:
+    """Plain, Ray-free evaluation; returns the metrics."""
+    return evaluate_prompt(config_from_dict(PromptConfig, config), local_reporter([]))
