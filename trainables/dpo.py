@@ -40,7 +40,10 @@ class DpoTrainConfig:
     lr: float = 2.0e-3  # TRL's 1e-6 is for full fine-tuning of large models; LoRA on ~1 M params needs far more
     beta: float = 0.1  # DPO paper (Rafailov et al. 2023); TRL's default too
     loss_type: str = "sigmoid"
-    sft_weight: float = 0.0  # > 0: add TRL's "sft" loss on the chosen line with this weight (RPO)
+    # > 0: add TRL's "sft" loss on the chosen line with this weight (RPO, Pang et al. 2024: 1.0).
+    # Measured on the testbed (layers 4-7, lr 2e-3..3e-3): without it DPO lowered both lines'
+    # likelihood and locality fell to 0.19; with 1.0, generalization 0.35 at locality 0.88.
+    sft_weight: float = 1.0
     max_grad_norm: float | None = 1.0  # TRL / transformers default
     warmup_ratio: float = 0.1  # TRL's DPO examples use 0.1
     schedule: str = "linear"
