@@ -196,9 +196,13 @@ def check_local_gpus(gpus: float | None) -> None:
 
 
 # --------------------------------------------------------------------------- Optuna glue
-def make_searcher(method: Method, n_layers: int, max_epochs: int, metric, mode, seed: int):
+def make_searcher(method: Method, n_layers: int, max_epochs: int, metric, mode, seed: int,
+                  max_concurrent: int | None = None):
+    """Seeded TPE in Ray's OptunaSearch, told about pruned, adopted and resumed trials; wrapped
+    in a concurrency limiter when ``max_concurrent`` is given (pass it here, not to TuneConfig)."""
     import optuna
     from optuna.trial import TrialState
+    from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
     class PrunedAwareOptunaSearch(OptunaSearch):
@@ -231,9 +235,32 @@ def make_searcher(method: Method, n_layers: int, max_epochs: int, metric, mode, 
             self._completed_trials.add(trial_id)
             return True
 
+        def _retell(self, trial_id, result) -> None:
+            """An errored trial was told FAIL; resumed (--resume) it has now finished. A finished
+            Optuna trial cannot be told again, so its params join the study once more with the
+            real outcome: otherwise TPE, which ignores FAIL, never learns from it."""
+            frozen = self._ot_study._storage.get_trial(self._ot_trials[trial_id]._trial_id)
+            if frozen.state != TrialState.FAIL or any(
+                    t.user_attrs.get("ray_trial_id") == trial_id for t in self._ot_study.trials):
+                return
+            multi = isinstance(self.metric, list)
+            values = [result.get(m) for m in self.metric] if multi else [result.get(self.metric)]
+            state = TrialState.COMPLETE if result.get("final") or multi else TrialState.PRUNED
+            if any(v is None for v in values):
+                return
+            done = state == TrialState.COMPLETE
+            self._ot_study.add_trial(optuna.trial.create_trial(
+                params=frozen.params, distributions=frozen.distributions, state=state,
+                values=values if done else None,
+                user_attrs={"ray_trial_id": trial_id, "resumed_after_failure": True}))
+
         def on_trial_complete(self, trial_id, result=None, error=False):
             if trial_id not in self._ot_trials:
                 self._adopt(trial_id, result or {})
+                return
+            if trial_id in self._completed_trials:
+                if result and not error:
+                    self._retell(trial_id, result)
                 return
             if (not error and result and not isinstance(self.metric, list) and not result.get("final")
                     and trial_id not in self._completed_trials):
@@ -245,7 +272,19 @@ def make_searcher(method: Method, n_layers: int, max_epochs: int, metric, mode, 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=8)
     space = partial(method.load_space(), n_layers=n_layers, max_epochs=max_epochs)
-    return PrunedAwareOptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler, seed=seed)
+    searcher = PrunedAwareOptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler, seed=seed)
+
+    class ForwardingLimiter(ConcurrencyLimiter):
+        """Ray's ConcurrencyLimiter (what max_concurrent_trials adds) drops the completion of any
+        trial it no longer counts as live, such as an errored trial finished by --resume, so the
+        study kept it as FAIL (seen in tests/test_hardening.py). Those now reach the searcher."""
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            if trial_id in self.live_trials or self.batch or not self._limit_concurrency:
+                return super().on_trial_complete(trial_id, result=result, error=error)
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    return ForwardingLimiter(searcher, max_concurrent=max_concurrent) if max_concurrent else searcher
 
 
 # --------------------------------------------------------------------------- Ray
@@ -417,7 +456,7 @@ def _run(method: Method, args) -> int:
         metric, mode = "objective", "max"
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode,
                                   max_t=max_epochs, grace_period=1, reduction_factor=3)
-    searcher = make_searcher(method, n_layers, max_epochs, metric, mode, args.seed)
+    searcher = make_searcher(method, n_layers, max_epochs, metric, mode, args.seed, concurrent)
     run_config = tune.RunConfig(
         name=name, storage_path=str(storage), callbacks=[tracker],
         failure_config=tune.FailureConfig(max_failures=args.max_failures),
@@ -436,7 +475,7 @@ def _run(method: Method, args) -> int:
             trainable,
             param_space=fixed,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
-                                        max_concurrent_trials=concurrent, **tune_kwargs),
+                                        **tune_kwargs),
             run_config=run_config,
         )
     print(f"sweep {name}: {num_samples} trials of {method.name} on {model} ({n_layers} layers), "

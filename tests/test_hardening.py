@@ -123,6 +123,29 @@ def _study(experiment_dir: Path):
     return searcher._ot_study
 
 
+def test_searcher_learns_the_outcome_of_a_failed_trial_finished_by_resume(_small_world):
+    """Ray's ConcurrencyLimiter forgets an errored trial; when --resume finishes it, the study
+    must still hear the result (a FAIL alone teaches TPE nothing). Unit-level: no Ray started."""
+    from optuna.trial import TrialState
+
+    from sweeps.engine import make_searcher
+    from sweeps.methods import METHODS
+
+    limited = make_searcher(METHODS["lora"], 4, 2, "objective", "max", seed=0, max_concurrent=2)
+    assert limited.suggest("t1") and limited.suggest("t2")
+    assert limited.suggest("t3") is None  # the limit holds
+    limited.on_trial_complete("t1", error=True)  # out of retries: FAIL, no longer live
+    limited.on_trial_complete("t2", result={"objective": 0.2, "final": True, "training_iteration": 2})
+    limited.on_trial_complete("t1", result={"objective": 0.5, "final": True, "training_iteration": 2})  # resumed
+    study = limited.searcher._ot_study
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    again = study.trials[2]
+    assert again.user_attrs["ray_trial_id"] == "t1" and again.value == 0.5
+    assert again.params == study.trials[0].params  # the same config, now with its real outcome
+    limited.on_trial_complete("t1", result={"objective": 0.5, "final": True, "training_iteration": 2})
+    assert len(study.trials) == 3  # told once
+
+
 @pytest.mark.slow
 def test_worker_sigkill_is_retried_then_failed_and_oom_is_penalised(tmp_path, small_testbed):
     """One sweep, two faulty trials: one SIGKILLs its worker at every attempt (2 > --max-failures 1),
@@ -178,6 +201,14 @@ def test_corrupt_checkpoint_restarts_the_trial_on_resume(tmp_path, small_testbed
     _, kids = children_of(mlflow_runs(home, "lora"), "torn")
     assert len(kids) == 2 and all(k["tags"]["trial_status"] != "failed" for k in kids)
     assert all(k["status"] == "FINISHED" for k in kids)
+    # The study keeps the failed attempt (FAIL) and learns the resumed trial's real outcome.
+    from optuna.trial import TrialState
+
+    study = _study(home / "ray_results" / "torn")
+    states = sorted(t.state.name for t in study.trials)
+    assert states.count("FAIL") == 1 and len(states) == 3, states
+    again = [t for t in study.trials if t.user_attrs.get("ray_trial_id") == failed[0]]
+    assert len(again) == 1 and again[0].state in (TrialState.COMPLETE, TrialState.PRUNED), states
 
 
 @pytest.mark.slow
