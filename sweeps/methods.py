@@ -49,12 +49,6 @@ METHODS: dict[str, Method] = {
         "search_spaces.hier_lora:space", {"hierarchical": True},
         "Hierarchical LoRA: adapters on a searched range of layers only.",
     ),
-    "prompt": Method(
-        "prompt", "trainables.prompt:PromptConfig", "trainables.prompt:trainable", "trainables.prompt:run_once",
-        "search_spaces.prompt:space", {},
-        "Rules + prompt baseline: update knowledge as comment lines before the code prompt (basic, "
-        "context, rules, chain of thought); nothing is trained.",
-    ),
     "dpo": Method(
         "dpo", "trainables.dpo:DpoTrainConfig", "trainables.dpo:trainable", "trainables.dpo:run_once",
         "search_spaces.dpo:space", {"hierarchical": True},
@@ -64,5 +58,21 @@ METHODS: dict[str, Method] = {
         "grpo", "trainables.grpo:GrpoTrainConfig", "trainables.grpo:trainable", "trainables.grpo:run_once",
         "search_spaces.grpo:space", {"hierarchical": True},
         "GRPO (TRL) on LoRA / hierarchical-LoRA adapters; rewards: execution, tests, API, format.",
+    ),
+    "prompt": Method(
+        "prompt", "trainables.prompt:PromptConfig", "trainables.prompt:trainable", "trainables.prompt:run_once",
+        "search_spaces.prompt:space", {},
+        "Rules + prompt baseline: update knowledge as comment lines before the code prompt (basic, "
+        "context, rules, chain of thought); nothing is trained.",
+    ),
+    "rome": Method(
+        "rome", "trainables.editing:RomeConfig", "trainables.editing:trainable", "trainables.editing:run_once",
+        "search_spaces.rome:space", {"algorithm": "rome"},
+        "ROME: one rank-one edit of an MLP down-projection per migration (easyeditor, trainables/editing.py).",
+    ),
+    "memit": Method(
+        "memit", "trainables.editing:MemitConfig", "trainables.editing:trainable", "trainables.editing:run_once",
+        "search_spaces.memit:space", {"algorithm": "memit"},
+        "MEMIT: all migrations edited into a range of MLP down-projections (easyeditor, trainables/editing.py).",
     ),
 }

@@ -62,6 +62,11 @@ class TestbedConfig:
     # down-weighting the prompts' boilerplate (imports, setup lines) spends the 3-minute budget
     # where it counts.
     prompt_loss_weight: float = 0.1
+    # Knowledge editing (ROME / MEMIT, trainables/edit_requests.py): copies per epoch of each
+    # migration's subject-keyed statements ("# pandas api append: use append", 3 templates),
+    # so that the API is recalled through the deprecated name and an edit has a fact to change.
+    # Off by default (0): it is only needed by the editing sweeps.
+    edit_statements: int = 0
     seed: int = 0
     # Float reductions depend on the thread count; fixing it makes builds bit-reproducible.
     threads: int = 2
@@ -71,7 +76,10 @@ class TestbedConfig:
             raise ValueError("testbed: hidden_size must be divisible by num_heads, num_layers >= 1")
 
     def key(self, data_digest: str) -> str:
-        blob = json.dumps([BUILD_VERSION, dataclasses.asdict(self), data_digest], sort_keys=True)
+        fields = dataclasses.asdict(self)
+        if not fields["edit_statements"]:  # added later: left out when off, so existing caches stay valid
+            del fields["edit_statements"]
+        blob = json.dumps([BUILD_VERSION, fields, data_digest], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -167,6 +175,10 @@ def epoch_pairs(migrations, locality, cfg: "TestbedConfig", rng: random.Random) 
                 p, c = rename_variables(ctx.prompt, ctx.new, rng)
                 pairs.append((version_tag(m) + p, c))
     pairs += [(s.prompt, s.completion) for s in locality] * cfg.locality_copies
+    if cfg.edit_statements:
+        from trainables.edit_requests import statements
+
+        pairs += statements(migrations) * cfg.edit_statements
     return pairs
 
 

@@ -1,0 +1,394 @@
+"""ROME and MEMIT knowledge edits of the migrations: one loop, two configs.
+
+Each migration becomes one edit request (``trainables/edit_requests.py``: subject = the
+deprecated name, new object = its replacement). The requests are applied in ``phases`` chunks
+through easyeditor's own ``apply_rome_to_model`` / ``apply_memit_to_model`` (made to run under
+transformers 5 on the CPU by ``trainables/editing_compat.py``); after each chunk the trial
+reports, with a checkpoint of the edited ``down_proj`` weights, so ASHA can stop a bad trial
+early and a resumed trial continues after its last finished chunk.
+
+Metrics (reported each phase; the last report also runs the full shared evaluation):
+
+- ``edit_efficacy``: edited requests whose new object is more likely than the old one after the
+  edit prompt (ROME's "efficacy score", mean token log-probability for multi-token objects);
+  ``edit_magnitude``: mean P(new) - P(old) there (ROME's "efficacy magnitude");
+- ``edit_generalization``: the same on the paraphrase prompts ("paraphrase success");
+- ``edit_neighborhood``: each library's stable-API prompt still prefers its own name over the
+  edits' new objects ("neighborhood success"); ``delta_norm``: Frobenius norm of the total
+  weight change;
+- ``efficacy``, ``generalization``, ``locality``, ``old_api_rate``, ``api_correct``: the shared
+  code evaluation (``trainables/evaluation.py``), so rows compare with LoRA's;
+- ``objective``: the shared formula (``evaluation.objective``) with the edit's paraphrase
+  success as its generalization and the shared locality as its locality: an edit must carry
+  over to paraphrases without changing unrelated code completions.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import ClassVar
+
+from trainables.common import (
+    DIVERGED_OBJECTIVE, STATUS_COMPLETED, STATUS_DIVERGED, Reporter, config_from_dict, local_reporter,
+    maybe_inject_fault, set_threads, tune_reporter,
+)
+
+BACKENDS = ("easyeditor",)  # a native implementation would go here; easyeditor runs on CPU and GPU
+FACT_TOKENS = ("subject_last", "subject_first", "subject_first_after_last", "last")
+
+
+@dataclass
+class _EditBase:
+    """What ROME and MEMIT share. Defaults: EasyEdit's hparams for LLaMA / GPT-J, which follow
+    the papers (ROME: Meng et al. 2022, Table/App. B; MEMIT: Meng et al. 2023, App. B)."""
+
+    SEARCH_ONLY: ClassVar[tuple[str, ...]] = ("layer_span",)
+    ALG: ClassVar[str] = ""
+
+    algorithm: str = ""
+    model: str = "testbed"
+    dataset: str | None = None  # migrations JSONL (data/README.md format); None = data/
+    backend: str = "easyeditor"
+    v_lr: float = 0.5  # Adam lr of the value vector v* (ROME/MEMIT: 5e-1)
+    v_num_grad_steps: int = 20  # optimisation steps for v* (ROME: 20; MEMIT: 25)
+    v_loss_layer: int | None = None  # layer whose output the loss reads; None = the last layer
+    v_weight_decay: float = 0.5  # L2 on v* relative to its initial norm (ROME/MEMIT: 0.5)
+    clamp_norm_factor: float = 4.0  # |delta| <= factor * |v_init| (ROME: 4; MEMIT: 0.75)
+    kl_factor: float = 0.0625  # essence-drift KL weight (both papers: 0.0625)
+    mom2_adjustment: bool = True  # use the key covariance C^-1 (ROME s3.1)
+    mom2_n_samples: int = 100_000  # corpus texts for C (papers: 100k Wikipedia texts; capped by the corpus)
+    fact_token: str = "subject_last"  # where the fact is looked up: the subject's last token (ROME s2)
+    phases: int = 4  # the requests are applied in this many chunks, one report each
+    seed: int = 0
+    threads: int = 1
+    workers: int = 1
+    use_gpu: bool = False
+
+    def _check_common(self) -> None:
+        if self.algorithm and self.algorithm != self.ALG:
+            raise ValueError(f"algorithm {self.algorithm!r} given to the {self.ALG} config")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if not self.v_lr > 0:
+            raise ValueError(f"v_lr must be > 0, got {self.v_lr}")
+        if self.v_num_grad_steps < 1 or self.phases < 1:
+            raise ValueError("v_num_grad_steps and phases must be >= 1")
+        if not self.clamp_norm_factor > 0:
+            raise ValueError(f"clamp_norm_factor must be > 0, got {self.clamp_norm_factor}")
+        if self.kl_factor < 0 or self.v_weight_decay < 0:
+            raise ValueError("kl_factor and v_weight_decay must be >= 0")
+        if self.fact_token not in FACT_TOKENS:
+            raise ValueError(f"fact_token must be one of {', '.join(FACT_TOKENS)}, got {self.fact_token!r}")
+        if self.workers != 1:
+            raise ValueError("editing trials run in one process: use --workers-per-trial 1")
+
+
+@dataclass
+class RomeConfig(_EditBase):
+    """ROME: one rank-one update of one layer's MLP down-projection per request, applied in
+    sequence (easyeditor's ROME takes one request per call)."""
+
+    ALG: ClassVar[str] = "rome"
+    layer: int | None = None  # edited layer; None = a third of the depth (GPT-2 XL: 17 of 48)
+
+    def __post_init__(self) -> None:
+        self._check_common()
+
+    def layer_range(self, n_layers: int) -> tuple[int, int]:
+        layer = n_layers // 3 if self.layer is None else self.layer
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"layer {layer} is outside the model's {n_layers} layers: use 0 <= layer < {n_layers}")
+        return layer, layer + 1
+
+    def mode_name(self) -> str:
+        return "sequential"
+
+
+@dataclass
+class MemitConfig(_EditBase):
+    """MEMIT: the update spread over the down-projections of layers [layer_start, layer_end)."""
+
+    ALG: ClassVar[str] = "memit"
+    clamp_norm_factor: float = 0.75  # MEMIT App. B (GPT-J)
+    v_num_grad_steps: int = 25
+    layer_start: int = 0  # None-free: the engine searches it; GPT-J used 3..8 of 28
+    layer_end: int | None = None  # None = layer_start + 5 capped at the model (GPT-J: 5-6 layers)
+    mom2_update_weight: float = 15000.0  # lambda weighing C against the new keys (MEMIT eq. 14)
+    mode: str = "batch"  # batch: a phase's requests in one MEMIT call; sequential: one call each
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        if self.mode not in ("batch", "sequential"):
+            raise ValueError(f"mode must be batch or sequential, got {self.mode!r}")
+        if not self.mom2_update_weight > 0:
+            raise ValueError(f"mom2_update_weight must be > 0, got {self.mom2_update_weight}")
+
+    def layer_range(self, n_layers: int) -> tuple[int, int]:
+        end = min(self.layer_start + 5, n_layers) if self.layer_end is None else self.layer_end
+        if not 0 <= self.layer_start < end <= n_layers:
+            raise ValueError(f"layer range [{self.layer_start}, {end}) is outside the model's {n_layers} layers: "
+                             f"use 0 <= layer_start < layer_end <= {n_layers}")
+        return self.layer_start, end
+
+    def mode_name(self) -> str:
+        return self.mode
+
+
+CONFIGS = {"rome": RomeConfig, "memit": MemitConfig}
+
+
+# --------------------------------------------------------------------------- EasyEdit hparams
+def easyedit_hparams(cfg: _EditBase, model_config, model_name: str) -> dict:
+    """The trial as EasyEdit's hparams dict (its YAML format: ``hparams/ROME/*.yaml``)."""
+    from trainables.models import arch_facts
+
+    facts = arch_facts(model_config)
+    n = int(model_config.num_hidden_layers)
+    start, end = cfg.layer_range(n)
+    layers = facts.layers + ".{}"
+    # Tied embeddings: the head's weight is registered once, as the input embedding.
+    head = "model.embed_tokens" if getattr(model_config, "tie_word_embeddings", False) else "lm_head"
+    hp = {
+        "alg_name": cfg.ALG.upper(), "model_name": model_name, "device": 0,
+        "layers": list(range(start, end)), "fact_token": cfg.fact_token,
+        "v_num_grad_steps": cfg.v_num_grad_steps, "v_lr": cfg.v_lr,
+        "v_loss_layer": n - 1 if cfg.v_loss_layer is None else cfg.v_loss_layer,
+        "v_weight_decay": cfg.v_weight_decay, "clamp_norm_factor": cfg.clamp_norm_factor,
+        "kl_factor": cfg.kl_factor, "mom2_adjustment": cfg.mom2_adjustment,
+        "rewrite_module_tmp": facts.mlp_down, "layer_module_tmp": layers,
+        "mlp_module_tmp": layers + ".mlp", "attn_module_tmp": layers + ".self_attn",
+        "ln_f_module": "model.norm", "lm_head_module": head,
+        "mom2_dataset": "local", "mom2_n_samples": cfg.mom2_n_samples, "mom2_dtype": "float32",
+        "stats_dir": "./data/stats",  # unused: statistics come from the local corpus (compat break 5)
+    }
+    if cfg.ALG == "rome":
+        hp["context_template_length_params"] = [[5, 10], [10, 10]]
+    else:
+        hp.update(layer_selection="all", mom2_update_weight=cfg.mom2_update_weight)
+    return hp
+
+
+def write_easyedit_yaml(cfg: _EditBase, model_config, model_name: str, path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(easyedit_hparams(cfg, model_config, model_name), sort_keys=False))
+
+
+def config_from_easyedit_yaml(path: str | Path, **overrides) -> _EditBase:
+    """A trial config from an EasyEdit hparams YAML (the keys both formats share)."""
+    import yaml
+
+    doc = yaml.safe_load(Path(path).read_text())
+    alg = str(doc.get("alg_name", "")).lower()
+    if alg not in CONFIGS:
+        raise ValueError(f"{path}: alg_name must be ROME or MEMIT, got {doc.get('alg_name')!r}")
+    cls = CONFIGS[alg]
+    names = {f.name for f in fields(cls)}
+    kw = {k: doc[k] for k in ("v_lr", "v_num_grad_steps", "v_loss_layer", "v_weight_decay", "clamp_norm_factor",
+                              "kl_factor", "mom2_adjustment", "mom2_n_samples", "fact_token",
+                              "mom2_update_weight") if k in doc and k in names}
+    for k in ("v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "mom2_update_weight"):
+        if k in kw:
+            kw[k] = float(kw[k])  # EasyEdit's YAMLs write 5e-1, which PyYAML reads as a string
+    layers = sorted(int(x) for x in doc["layers"])
+    if alg == "rome":
+        kw["layer"] = layers[0]
+    else:
+        if layers != list(range(layers[0], layers[-1] + 1)):
+            raise ValueError(f"{path}: MEMIT layers must be contiguous here, got {layers}")
+        kw.update(layer_start=layers[0], layer_end=layers[-1] + 1)
+    return cls(algorithm=alg, **{**kw, **overrides})
+
+
+# --------------------------------------------------------------------------- scoring
+def _target_logprobs(model, tokenizer, prompts: list[str], targets: list[str]) -> list[tuple[float, float]]:
+    """(mean token log-prob, sum log-prob) of ``" " + target`` after bos + prompt, batched."""
+    import torch
+
+    device = next(model.parameters()).device
+    rows = []
+    for p, t in zip(prompts, targets):
+        pid = [tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False)["input_ids"]
+        tid = tokenizer(" " + t, add_special_tokens=False)["input_ids"]
+        rows.append((pid, tid))
+    width = max(len(a) + len(b) for a, b in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (a, b) in enumerate(rows):
+        ids[i, : len(a) + len(b)] = torch.tensor(a + b)
+        mask[i, : len(a) + len(b)] = 1
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+    out = []
+    for i, (a, b) in enumerate(rows):
+        pos = torch.arange(len(a) - 1, len(a) + len(b) - 1)
+        lp = logp[i, pos, torch.tensor(b)].cpu()
+        out.append((float(lp.mean()), float(lp.sum())))
+    return out
+
+
+def edit_scores(model, tokenizer, requests, edited: int) -> dict:
+    """The editing papers' metrics over the first ``edited`` requests (neighbourhood: all)."""
+    done = requests[:edited]
+    m: dict = {}
+    if done:
+        prompts = [r.prompt for r in done]
+        new = _target_logprobs(model, tokenizer, prompts, [r.target_new for r in done])
+        old = _target_logprobs(model, tokenizer, prompts, [r.target_old for r in done])
+        m["edit_efficacy"] = sum(n[0] > o[0] for n, o in zip(new, old)) / len(done)
+        m["edit_magnitude"] = sum(math.exp(n[1]) - math.exp(o[1]) for n, o in zip(new, old)) / len(done)
+        para = [(p, r) for r in done for p in r.paraphrases]
+        pn = _target_logprobs(model, tokenizer, [p for p, _ in para], [r.target_new for _, r in para])
+        po = _target_logprobs(model, tokenizer, [p for p, _ in para], [r.target_old for _, r in para])
+        m["edit_generalization"] = sum(n[0] > o[0] for n, o in zip(pn, po)) / len(para)
+    else:
+        m.update(edit_efficacy=0.0, edit_magnitude=0.0, edit_generalization=0.0)
+    # Neighbourhood: a library's stable API keeps its name against every edit's new object.
+    pairs = [(r.neighbour_prompt, r.neighbour_target, r.target_new) for r in requests]
+    keep = _target_logprobs(model, tokenizer, [p for p, _, _ in pairs], [k for _, k, _ in pairs])
+    new = _target_logprobs(model, tokenizer, [p for p, _, _ in pairs], [n for _, _, n in pairs])
+    m["edit_neighborhood"] = sum(k[0] > n[0] for k, n in zip(keep, new)) / len(pairs)
+    return m
+
+
+# --------------------------------------------------------------------------- the loop
+def local_corpus(migrations, locality) -> list[str]:
+    """Texts for the key covariance: the code the model was trained on (old-API contexts and
+    locality snippets), in place of the papers' Wikipedia sample."""
+    texts = [ctx.prompt + ctx.old for m in migrations for ctx in m.train_contexts + m.probe_contexts]
+    return texts + [s.prompt + s.completion for s in locality]
+
+
+def _rewrite_weights(model, cfg: _EditBase) -> dict:
+    from trainables.models import arch_facts, num_layers
+
+    facts = arch_facts(model.config)
+    start, end = cfg.layer_range(num_layers(model))
+    params = dict(model.named_parameters())
+    return {f"{facts.mlp_down.format(i)}.weight": params[f"{facts.mlp_down.format(i)}.weight"]
+            for i in range(start, end)}
+
+
+def _apply(cfg: _EditBase, ee, model, etok, hp, batch: list[dict]) -> None:
+    quiet = io.StringIO()  # easyeditor prints every optimisation step: ~100 lines per edit
+    with contextlib.redirect_stdout(quiet):
+        if cfg.ALG == "rome":
+            for req in batch:
+                ee.rome_main.apply_rome_to_model(model, etok, [req], hp)
+        elif isinstance(cfg, MemitConfig) and cfg.mode == "sequential":
+            for req in batch:
+                ee.memit_main.apply_memit_to_model(model, etok, [req], hp)
+        else:
+            ee.memit_main.apply_memit_to_model(model, etok, batch, hp)
+
+
+def edit_loop(cfg: _EditBase, reporter: Reporter, *, eval_data=None, weights_out: str | None = None) -> dict:
+    import torch
+
+    from trainables import editing_compat
+    from trainables.data import load_locality, load_migrations
+    from trainables.edit_requests import requests_for
+    from trainables.evaluation import base_locality, evaluate, objective
+    from trainables.models import load_model, num_layers, resolve
+
+    set_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t_start = time.time()
+    device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_model(cfg.model, device=device)
+    n_layers = num_layers(model)
+    cfg.layer_range(n_layers)
+    migrations = load_migrations(cfg.dataset) if cfg.dataset else load_migrations()
+    requests = requests_for(migrations)
+    if eval_data is None:
+        locality = load_locality()
+        eval_data = (migrations, locality, base_locality(cfg.model, locality))
+    ev_migrations, locality, base_loc = eval_data
+    corpus = local_corpus(migrations, locality)
+    hp_dict = easyedit_hparams(cfg, model.config, resolve(cfg.model))
+    weights = _rewrite_weights(model, cfg)
+    original = {k: v.detach().clone() for k, v in weights.items()}
+    n_params = sum(v.numel() for v in weights.values())  # what the edits may change
+
+    phase0 = 0
+    restored = reporter.restore()
+    if restored and Path(restored, "edit_state.pt").is_file():
+        state = torch.load(Path(restored, "edit_state.pt"), weights_only=True)
+        with torch.no_grad():
+            for k, v in state["weights"].items():
+                weights[k].copy_(v)
+        phase0 = int(state["phase"])
+        print(f"resumed after phase {phase0}", flush=True)
+
+    chunks = [requests[i * len(requests) // cfg.phases:(i + 1) * len(requests) // cfg.phases]
+              for i in range(cfg.phases)]
+    ee = editing_compat.load()
+    hp = (ee.ROMEHyperParams if cfg.ALG == "rome" else ee.MEMITHyperParams)(**hp_dict)
+    etok = editing_compat.edit_tokenizer(tokenizer)
+    common = {"trainable_params": n_params, "n_requests": len(requests), "backend": cfg.backend,
+              "edit_mode": cfg.mode_name(), "started_at": t_start}
+    metrics: dict = {}
+    edit_seconds = 0.0
+    with editing_compat.patched(corpus, device):
+        for phase in range(phase0, cfg.phases):
+            t0 = time.time()
+            _apply(cfg, ee, model, etok, hp, [r.easyedit() for r in chunks[phase]])
+            edit_seconds += time.time() - t0
+            final = phase == cfg.phases - 1
+            delta = math.sqrt(sum(float((weights[k] - original[k]).float().pow(2).sum()) for k in weights))
+            if not all(torch.isfinite(w).all() for w in weights.values()):
+                print("diverged: non-finite edited weights", flush=True)
+                metrics = {**common, "objective": DIVERGED_OBJECTIVE, "efficacy": 0.0, "generalization": 0.0,
+                           "locality": 0.0, "edit_efficacy": 0.0, "final": True, "delta_norm": delta,
+                           "trial_seconds": time.time() - t_start, "trial_status": STATUS_DIVERGED,
+                           "diverged_reason": "non-finite edited weights"}
+                reporter.report(metrics, None)
+                return metrics
+            edited = sum(len(c) for c in chunks[: phase + 1])
+            metrics, preds = evaluate(model, tokenizer, ev_migrations, locality, base_loc, quick=not final)
+            metrics.update(edit_scores(model, tokenizer, requests, edited))
+            metrics["objective"] = objective({"generalization": metrics["edit_generalization"],
+                                              "locality": metrics["locality"]})
+            metrics.update(common, epoch=phase + 1, edited=edited, delta_norm=delta, edit_seconds=edit_seconds,
+                           trial_seconds=time.time() - t_start, final=final,
+                           trial_status=STATUS_COMPLETED if final else "running")
+            ckpt = tempfile.mkdtemp(prefix="ckpt-")
+            try:
+                torch.save({"phase": phase + 1, "weights": {k: v.detach().cpu() for k, v in weights.items()}},
+                           Path(ckpt, "edit_state.pt"))
+                if final:
+                    Path(ckpt, "predictions.json").write_text(json.dumps([asdict(p) for p in preds[:200]]))
+                    Path(ckpt, "config.json").write_text(json.dumps(asdict(cfg), default=str))
+                    Path(ckpt, "easyedit_hparams.json").write_text(json.dumps(hp_dict))
+                    if weights_out:
+                        shutil.copy(Path(ckpt, "edit_state.pt"), weights_out)
+                reporter.report(metrics, ckpt)
+            finally:
+                shutil.rmtree(ckpt, ignore_errors=True)
+            if not final:
+                maybe_inject_fault(phase + 1)
+    return metrics
+
+
+def _config(config: dict) -> _EditBase:
+    alg = config.get("algorithm")
+    if alg not in CONFIGS:
+        raise ValueError(f"algorithm must be one of {', '.join(CONFIGS)}, got {alg!r}")
+    return config_from_dict(CONFIGS[alg], config)
+
+
+def trainable(config: dict) -> None:
+    """Ray Tune function trainable for `rome` and `memit`."""
+    edit_loop(_config(config), tune_reporter())
+
+
+def run_once(config: dict, weights_out: str | None = None) -> dict:
+    """Plain, Ray-free run; returns the final metrics."""
+    return edit_loop(_config(config), local_reporter([]), weights_out=weights_out)
