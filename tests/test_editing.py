@@ -194,3 +194,18 @@ def test_smoke_sweep_through_the_engine(method, tmp_path, small_testbed):
         for m in ("objective", "efficacy", "generalization", "locality", "edit_efficacy", "edit_generalization",
                   "edit_neighborhood", "delta_norm", "trainable_params", "trial_seconds"):
             assert m in k["metrics"], (m, k["metrics"])
+
+
+def test_an_easyedit_yaml_becomes_a_runnable_config(tmp_path):
+    """EasyEdit's own files write `5e-1`, which PyYAML reads as a string: the CLI coerces it."""
+    import yaml
+
+    from trainables.editing import main
+
+    src = tmp_path / "rome.yaml"
+    src.write_text("alg_name: ROME\nlayers: [2]\nv_lr: 5e-1\nv_num_grad_steps: 20\nclamp_norm_factor: 4\n"
+                   "kl_factor: 0.0625\nmom2_adjustment: true\nfact_token: subject_last\n")
+    assert main(["--from-hparams", str(src), "--out", str(tmp_path / "best.yaml")]) == 0
+    doc = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    assert doc["method"] == "rome" and doc["config"]["layer"] == 2 and doc["config"]["v_lr"] == 0.5
+    assert main(["--from-hparams", str(src)]) == 2  # one-line error: --out missing

@@ -392,3 +392,55 @@ def trainable(config: dict) -> None:
 def run_once(config: dict, weights_out: str | None = None) -> dict:
     """Plain, Ray-free run; returns the final metrics."""
     return edit_loop(_config(config), local_reporter([]), weights_out=weights_out)
+
+
+# --------------------------------------------------------------------------- EasyEdit YAML CLI
+def main(argv: list[str] | None = None) -> int:
+    """Convert between an exported trial (export_best.py YAML) and EasyEdit's hparams YAML.
+
+        python -m trainables.editing --hparams-out rome.yaml best.yaml   # trial -> EasyEdit
+        python -m trainables.editing --from-hparams ROME/llama-7b.yaml --out best.yaml
+        python sweeps/rome.py --config best.yaml                          # run it once
+    """
+    import argparse
+    import sys
+
+    import yaml
+
+    p = argparse.ArgumentParser(prog="python -m trainables.editing", description=main.__doc__.splitlines()[0])
+    p.add_argument("config", nargs="?", help="export_best.py YAML of a rome / memit trial")
+    p.add_argument("--hparams-out", help="write the trial as an EasyEdit hparams YAML")
+    p.add_argument("--from-hparams", help="read an EasyEdit ROME / MEMIT hparams YAML ...")
+    p.add_argument("--out", help="... and write it as a --config YAML for sweeps/<method>.py")
+    p.add_argument("--model", help="model whose module names / layer count to use (default: the trial's)")
+    args = p.parse_args(argv)
+    try:
+        if args.from_hparams:
+            if not args.out:
+                raise ValueError("--from-hparams needs --out")
+            cfg = config_from_easyedit_yaml(args.from_hparams, **({"model": args.model} if args.model else {}))
+            config = {k: v for k, v in asdict(cfg).items() if k not in ("threads", "workers", "use_gpu")}
+            Path(args.out).write_text(yaml.safe_dump({"method": cfg.ALG, "config": config,
+                                                       "provenance": {"from_hparams": args.from_hparams}},
+                                                      sort_keys=False))
+            print(f"wrote {args.out}: run it with  python sweeps/{cfg.ALG}.py --config {args.out}")
+            return 0
+        if not (args.config and args.hparams_out):
+            raise ValueError("give a trial YAML and --hparams-out, or --from-hparams and --out")
+        doc = yaml.safe_load(Path(args.config).read_text())
+        cfg = _config({**doc["config"], **({"model": args.model} if args.model else {})})
+        from transformers import AutoConfig
+
+        from trainables.models import resolve
+
+        path = resolve(cfg.model)
+        write_easyedit_yaml(cfg, AutoConfig.from_pretrained(path), path, args.hparams_out)
+        print(f"wrote {args.hparams_out} (EasyEdit {cfg.ALG.upper()} hparams)")
+        return 0
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
