@@ -55,6 +55,15 @@ def test_config_rejects_bad_values_with_the_fix():
     assert PromptConfig().layer_range(8) == (0, 0)
 
 
+def test_rules_need_a_migrations_file(tmp_path):
+    f = tmp_path / "recode.jsonl"
+    f.write_text(json.dumps({"dependency": "x", "new_version": "1", "description": "d", "update_info": "u",
+                             "old_code": "a = 1", "new_code": "a = 2"}) + "\n")
+    with pytest.raises(ValueError, match="rules come from a migrations file"):
+        PromptConfig(dataset=str(f))
+    PromptConfig(dataset=str(ROOT / "tests" / "fixtures" / "migrations.jsonl"))
+
+
 def test_temperature_sampling_is_exact_gumbel_max(small_testbed, fixture_data):
     import torch
 

@@ -81,6 +81,12 @@ class PromptConfig:
             raise ValueError(f"temperature must be in [0, 2] (0 = greedy), got {self.temperature}")
         if self.workers != 1:
             raise ValueError("the prompt baseline runs in one process: use --workers-per-trial 1")
+        if self.dataset:
+            from trainables.data import detect_format
+
+            if detect_format(self.dataset) != "migrations":
+                raise ValueError(f"prompt: rules come from a migrations file (data/README.md format); "
+                                 f"{self.dataset} is not one (ReCode records carry no AST patterns)")
 
     def layer_range(self, n_layers: int) -> tuple[int, int]:
         """No layer is changed: the empty range."""
@@ -225,7 +231,7 @@ def evaluate_prompt(cfg: PromptConfig, reporter: Reporter) -> dict:
     metrics: they are reported again rather than recomputed."""
     import torch
 
-    from trainables.data import detect_format, load_locality, load_migrations
+    from trainables.data import load_locality, load_migrations
     from trainables.evaluation import base_locality, evaluate
     from trainables.models import load_model
 
@@ -236,9 +242,6 @@ def evaluate_prompt(cfg: PromptConfig, reporter: Reporter) -> dict:
         metrics = json.loads(Path(restored, "metrics.json").read_text())
         reporter.report(metrics, restored)
         return metrics
-    if cfg.dataset and detect_format(cfg.dataset) != "migrations":
-        raise ValueError(f"prompt: rules come from a migrations file (data/README.md format); "
-                         f"{cfg.dataset} is not one")
     torch.manual_seed(cfg.seed)
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model(cfg.model, device=device)
