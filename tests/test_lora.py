@@ -95,3 +95,27 @@ def test_layer_range_outside_the_model_is_rejected():
     cfg = LoraTrainConfig(hierarchical=True, layer_start=3, layer_end=12)
     with pytest.raises(ValueError, match=r"outside the model's 8 layers"):
         cfg.layer_range(8)
+
+
+def test_augment_adds_renamed_copies_that_keep_the_new_api(small_testbed):
+    """augment=2 triples the examples; the copies are the same programs with other variable
+    names (still the new API, still parseable), and a new epoch draws new names."""
+    import random
+
+    from trainables.apicheck import check_completion
+    from trainables.data import load_migrations, load_training_pairs
+    from trainables.lora import training_examples
+    from trainables.testbed import rename_variables
+
+    _, tok = load_model("testbed")
+    plain = training_examples(tok, None)
+    aug = training_examples(tok, None, augment=2, rng=random.Random(1))
+    assert len(aug) == 3 * len(plain)
+    assert aug[: len(plain)] == plain
+    assert training_examples(tok, None, augment=2, rng=random.Random(2)) != aug
+    by_id = {m.id: m for m in load_migrations()}
+    rng = random.Random(0)
+    for p in load_training_pairs():
+        prompt, new = rename_variables(p.prompt, p.new, rng)
+        m = by_id[p.source]
+        assert check_completion(prompt, new, m.deprecated, m.replacement).correct, (prompt, new)

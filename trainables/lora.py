@@ -54,6 +54,11 @@ class LoraTrainConfig:
     schedule: str = "linear"  # linear | cosine
     weight_decay: float = 0.0
     epochs: int = 4
+    # Per epoch, each training pair is also seen this many times with its local variables
+    # renamed at random (fresh names every epoch). 3 train contexts per migration are easy to
+    # memorise as strings; renamed copies make the update a pattern, which is what transfers
+    # to the held-out probe contexts (generalization).
+    augment: int = 0
     batch_size: int = 16
     grad_accum: int = 1  # optimizer step every grad_accum micro-batches
     seed: int = 0
@@ -72,6 +77,8 @@ class LoraTrainConfig:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if self.schedule not in ("linear", "cosine"):
             raise ValueError(f"schedule must be linear or cosine, got {self.schedule!r}")
+        if self.augment < 0:
+            raise ValueError(f"augment must be >= 0, got {self.augment}")
         if self.r < 1 or self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("r, epochs, batch_size and grad_accum must be >= 1")
         if not 0 <= self.dropout < 1:
@@ -116,12 +123,18 @@ def attach_lora(model, cfg: LoraTrainConfig):
     return get_peft_model(model, lcfg)
 
 
-def training_examples(tokenizer, dataset: str | None, max_length: int = 128) -> list[tuple[list[int], int]]:
-    """(ids, n_prompt) for each training pair's prompt + new code (loss on the new code only)."""
+def training_examples(tokenizer, dataset: str | None, max_length: int = 128, augment: int = 0,
+                      rng: random.Random | None = None) -> list[tuple[list[int], int]]:
+    """(ids, n_prompt) for each training pair's prompt + new code (loss on the new code only),
+    plus ``augment`` variable-renamed copies of each (drawn from ``rng``)."""
     from trainables.data import load_training_pairs
-    from trainables.testbed import encode_pair
+    from trainables.testbed import encode_pair, rename_variables
 
-    return [encode_pair(tokenizer, p.prompt, p.new, max_length) for p in load_training_pairs(dataset)]
+    pairs = [(p.prompt, p.new) for p in load_training_pairs(dataset)]
+    if augment:
+        rng = rng or random.Random(0)
+        pairs += [rename_variables(prompt, new, rng) for prompt, new in pairs for _ in range(augment)]
+    return [encode_pair(tokenizer, prompt, new, max_length) for prompt, new in pairs]
 
 
 def _batch(examples, pad_id):
@@ -202,10 +215,15 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     train_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
 
-    examples = training_examples(tokenizer, cfg.dataset)
-    if distributed:  # each rank takes every world_size-th example
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        examples = examples[rank::world]
+    rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1))
+
+    def epoch_examples(epoch: int) -> list:
+        """This epoch's examples (fresh renamings per epoch, the same on every DDP rank);
+        each rank takes every world-th one."""
+        aug_rng = random.Random(f"{cfg.seed}-{epoch}")
+        return training_examples(tokenizer, cfg.dataset, augment=cfg.augment, rng=aug_rng)[rank::world]
+
+    examples = epoch_examples(0)
     steps_per_epoch = math.ceil(math.ceil(len(examples) / cfg.batch_size) / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
@@ -233,13 +251,17 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
     common = {"trainable_params": n_trainable, "total_steps": total_steps, "started_at": t_start}
     metrics: dict = {}
     last_loss = float("nan")
+    train_tokens, train_seconds = 0, 0.0  # benchmarks/throughput.py reads train_tokens_per_s
     try:
         for epoch in range(epoch0, cfg.epochs):
             model.train()
+            if cfg.augment and epoch:
+                examples = epoch_examples(epoch)
             order = list(range(len(examples)))
             rng.shuffle(order)
             batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
             losses = []
+            t_epoch = time.perf_counter()
             for b0 in range(0, len(batches), cfg.grad_accum):
                 group = batches[b0 : b0 + cfg.grad_accum]
                 opt.zero_grad(set_to_none=True)
@@ -249,6 +271,7 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
                     loss = train_model(input_ids=ids, attention_mask=mask, labels=labels).loss / len(group)
                     loss.backward()
                     loss_sum += loss.item()
+                    train_tokens += int(mask.sum())
                 params = [p for p in model.parameters() if p.requires_grad]
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
                 guard.check(step, loss_sum, grad_norm)
@@ -256,11 +279,13 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
                 sched.step()
                 step += 1
                 losses.append(loss_sum)
+            train_seconds += time.perf_counter() - t_epoch
             last_loss = sum(losses) / max(1, len(losses))
             final = epoch == cfg.epochs - 1
             metrics, preds = run_eval(quick=not final)
             metrics.update(common, train_loss=last_loss, epoch=epoch + 1, step=step, lr_now=sched.get_last_lr()[0],
                            trial_seconds=time.time() - t_start, final=final,
+                           train_tokens_per_s=train_tokens / max(train_seconds, 1e-9),
                            trial_status=STATUS_COMPLETED if final else "running")
             ckpt = tempfile.mkdtemp(prefix="ckpt-")
             try:
