@@ -10,8 +10,10 @@ early and a resumed trial continues after its last finished chunk.
 Metrics (reported each phase; the last report also runs the full shared evaluation):
 
 - ``edit_efficacy``: edited requests whose new object is more likely than the old one after the
-  edit prompt (ROME's "efficacy score", mean token log-probability for multi-token objects);
-  ``edit_magnitude``: mean P(new) - P(old) there (ROME's "efficacy magnitude");
+  edit prompt (ROME's "efficacy score", mean token log-probability for multi-token objects, as
+  ROME's own evaluation code averages the NLL over the object's tokens);
+  ``edit_magnitude``: mean P(new) - P(old) there (ROME's "efficacy magnitude"), with per-token
+  (geometric-mean) probabilities;
 - ``edit_generalization``: the same on the paraphrase prompts ("paraphrase success");
 - ``edit_neighborhood``: each library's stable-API prompt still prefers its own name over the
   edits' new objects ("neighborhood success"); ``delta_norm``: Frobenius norm of the total
@@ -243,7 +245,9 @@ def edit_scores(model, tokenizer, requests, edited: int) -> dict:
         new = _target_logprobs(model, tokenizer, prompts, [r.target_new for r in done])
         old = _target_logprobs(model, tokenizer, prompts, [r.target_old for r in done])
         m["edit_efficacy"] = sum(n[0] > o[0] for n, o in zip(new, old)) / len(done)
-        m["edit_magnitude"] = sum(math.exp(n[1]) - math.exp(o[1]) for n, o in zip(new, old)) / len(done)
+        # Per-token (geometric-mean) probabilities: whole-sequence P of an 8-token object is
+        # ~1e-9 on the testbed, which made the difference read 0.000 for every trial.
+        m["edit_magnitude"] = sum(math.exp(n[0]) - math.exp(o[0]) for n, o in zip(new, old)) / len(done)
         para = [(p, r) for r in done for p in r.paraphrases]
         pn = _target_logprobs(model, tokenizer, [p for p, _ in para], [r.target_new for _, r in para])
         po = _target_logprobs(model, tokenizer, [p for p, _ in para], [r.target_old for _, r in para])
