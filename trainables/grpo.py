@@ -151,7 +151,9 @@ def train_loop(cfg: GrpoTrainConfig, reporter, *, eval_data=None, adapter_out: s
         # stop ids from the model's generation config and masks everything after them.
         eos = [tokenizer.eos_token_id, *_newline_ids(tokenizer).tolist()]
         model.generation_config.eos_token_id = eos
-        batch = cfg.prompts_per_step * cfg.num_generations  # divisible by num_generations (DESIGN s5)
+        # divisible by num_generations (DESIGN s5); never more prompts per step than there are
+        # (a 4-migration dataset with 8 prompts per step would give an epoch of 0 steps)
+        batch = min(cfg.prompts_per_step, len(data)) * cfg.num_generations
         args = training_args(GRPOConfig, cfg, out_dir, batch, beta=cfg.beta, loss_type=cfg.loss_type,
                              epsilon=cfg.epsilon, num_generations=cfg.num_generations,
                              temperature=cfg.temperature, max_completion_length=cfg.max_completion_length,
