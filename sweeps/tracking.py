@@ -228,6 +228,10 @@ class MlflowTracker(Callback):
         for run in children(self.client, self._exp_id, self.parent_run_id):
             tid = run.data.tags.get("trial_id")
             if tid not in known:
+                # Close it before deleting: a deleted run still sits in the store, and one left
+                # RUNNING there is exactly the stale state a resume must not leave behind.
+                if run.info.status == "RUNNING":
+                    self._retry(self.client.set_terminated, run.info.run_id, "KILLED")
                 self._retry(self.client.delete_run, run.info.run_id)
                 removed += 1
             elif run.info.status == "RUNNING":

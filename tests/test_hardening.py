@@ -211,6 +211,17 @@ def test_corrupt_checkpoint_restarts_the_trial_on_resume(tmp_path, small_testbed
     assert len(again) == 1 and again[0].state in (TrialState.COMPLETE, TrialState.PRUNED), states
 
 
+def _reports(experiment: Path) -> int:
+    """Trial reports the driver has written so far (one line each in every result.json)."""
+    n = 0
+    for f in experiment.glob("trial_*/result.json"):
+        try:
+            n += sum(1 for line in f.read_text().splitlines() if line.strip())
+        except OSError:
+            pass
+    return n
+
+
 @pytest.mark.slow
 def test_driver_sigkilled_three_times_then_resumed(tmp_path, small_testbed):
     """SIGKILL the driver's whole process group at random moments, three times, then --resume:
@@ -232,15 +243,22 @@ def test_driver_sigkilled_three_times_then_resumed(tmp_path, small_testbed):
         with log.open("w") as f:
             proc = subprocess.Popen(base + resume, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-        # The random moment is counted from the banner the driver prints just before Tuner.fit
-        # (start-up takes 10-60 s depending on load): 0-20 s covers trials starting, reporting,
-        # checkpointing and finishing, and the snapshots in between.
-        delay = rng.uniform(0.0, 20.0)
+        # A random moment of the run, counted in the sweep's own progress so that it falls
+        # mid-run on a fast machine as on a loaded one (a fixed 0-20 s window let the sweep
+        # finish before the third kill on an idle CI machine): after the banner the driver
+        # prints just before Tuner.fit, wait for 0-2 more trial reports (0 = during start-up),
+        # then 0-1 s more. 8 trials of <= 2 epochs make <= 16 reports; 3 kills use <= 6.
+        reports = rng.randint(0, 2)
+        jitter = rng.uniform(0.0, 1.0)
+        delay = (reports, round(jitter, 2))
         try:
             deadline = time.time() + 240
             while f"sweep {name}:" not in log.read_text() and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.2)
-            finished = proc.wait(timeout=delay) is not None
+                time.sleep(0.05)
+            start = _reports(experiment)
+            while _reports(experiment) < start + reports and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.05)
+            finished = proc.wait(timeout=jitter) is not None
         except subprocess.TimeoutExpired:
             finished = False
         finally:
@@ -249,7 +267,7 @@ def test_driver_sigkilled_three_times_then_resumed(tmp_path, small_testbed):
             except ProcessLookupError:
                 pass
             proc.wait()
-        kills.append(round(delay, 1))
+        kills.append(delay)
         assert not finished, f"the sweep ended before kill {k + 1} (seed {seed}, kills {kills}): {log.read_text()[-2000:]}"
     out = sweep("hier_lora", *base[2:], "--resume")
     assert out.returncode == 0, f"seed {seed}, kills {kills}: {out.stderr[-3000:]}"
