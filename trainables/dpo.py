@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from trainables.common import config_from_dict, local_reporter, tune_reporter
-from trainables.lora import TARGETS
+from trainables.lora import adapter_layer_range, check_adapter_fields
 
 # TRL 1.16 DPO losses worth searching here (DPOConfig.loss_type): sigmoid (the DPO paper), ipo
 # (Azar et al. 2023; bounded, less overfitting to deterministic preferences such as ours),
@@ -56,36 +56,20 @@ class DpoTrainConfig:
     use_gpu: bool = False
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        check_adapter_fields(self)
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0 (the DPO temperature; 0.1 in the paper), got {self.beta}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
         if self.sft_weight < 0:
             raise ValueError(f"sft_weight must be >= 0 (0 = plain DPO), got {self.sft_weight}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None (off), got {self.max_grad_norm}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.target not in TARGETS:
-            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
-        if self.schedule not in ("linear", "cosine"):
-            raise ValueError(f"schedule must be linear or cosine, got {self.schedule!r}")
         if self.r < 1 or self.epochs < 1 or self.batch_size < 1:
             raise ValueError("r, epochs and batch_size must be >= 1")
         if self.workers > 1:
             raise ValueError("dpo runs one worker per trial (no DDP through TRL here): use --workers-per-trial 1")
 
     def layer_range(self, n_layers: int) -> tuple[int, int]:
-        if not self.hierarchical:
-            return 0, n_layers
-        end = n_layers if self.layer_end is None else self.layer_end
-        if not 0 <= self.layer_start < end <= n_layers:
-            raise ValueError(
-                f"layer range [{self.layer_start}, {end}) is outside the model's {n_layers} layers: "
-                f"use 0 <= layer_start < layer_end <= {n_layers}")
-        return self.layer_start, end
+        return adapter_layer_range(self, n_layers)
 
 
 def preference_dataset(tokenizer, dataset: str | None, max_length: int):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from trainables.common import config_from_dict, local_reporter, tune_reporter
-from trainables.lora import TARGETS
+from trainables.lora import adapter_layer_range, check_adapter_fields
 from trainables.rewards import COMPONENTS, DEFAULT_WEIGHTS, EXEC_TIMEOUT_S
 
 # TRL 1.16 GRPOConfig.loss_type values searched: dapo (TRL's default: token-level
@@ -68,8 +68,7 @@ class GrpoTrainConfig:
     def __post_init__(self) -> None:
         from trainables.rewards import check_weights
 
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        check_adapter_fields(self)
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0 (0 = no KL term, TRL's default), got {self.beta}")
         if self.loss_type not in LOSS_TYPES:
@@ -81,14 +80,6 @@ class GrpoTrainConfig:
             raise ValueError("prompts_per_step, epochs, r and max_completion_length must be >= 1")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None (off), got {self.max_grad_norm}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.target not in TARGETS:
-            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
-        if self.schedule not in ("linear", "cosine"):
-            raise ValueError(f"schedule must be linear or cosine, got {self.schedule!r}")
         if self.contexts_per_migration < 0:
             raise ValueError(f"contexts_per_migration must be >= 0 (0 = all), got {self.contexts_per_migration}")
         if not self.exec_timeout > 0:
@@ -102,14 +93,7 @@ class GrpoTrainConfig:
         return {c: getattr(self, f"w_{c}") for c in COMPONENTS}
 
     def layer_range(self, n_layers: int) -> tuple[int, int]:
-        if not self.hierarchical:
-            return 0, n_layers
-        end = n_layers if self.layer_end is None else self.layer_end
-        if not 0 <= self.layer_start < end <= n_layers:
-            raise ValueError(
-                f"layer range [{self.layer_start}, {end}) is outside the model's {n_layers} layers: "
-                f"use 0 <= layer_start < layer_end <= {n_layers}")
-        return self.layer_start, end
+        return adapter_layer_range(self, n_layers)
 
 
 def prompt_dataset(tokenizer, dataset: str | None, per_migration: int = 0):

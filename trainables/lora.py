@@ -67,16 +67,7 @@ class LoraTrainConfig:
     use_gpu: bool = False
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None (off), got {self.max_grad_norm}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.target not in TARGETS:
-            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
-        if self.schedule not in ("linear", "cosine"):
-            raise ValueError(f"schedule must be linear or cosine, got {self.schedule!r}")
+        check_adapter_fields(self)
         if self.augment < 0:
             raise ValueError(f"augment must be >= 0, got {self.augment}")
         if self.r < 1 or self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -85,16 +76,36 @@ class LoraTrainConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def layer_range(self, n_layers: int) -> tuple[int, int]:
-        """[start, end) checked against the model; standard LoRA covers every layer."""
-        if not self.hierarchical:
-            return 0, n_layers
-        end = n_layers if self.layer_end is None else self.layer_end
-        if not 0 <= self.layer_start < end <= n_layers:
-            raise ValueError(
-                f"layer range [{self.layer_start}, {end}) is outside the model's {n_layers} layers: "
-                f"use 0 <= layer_start < layer_end <= {n_layers}"
-            )
-        return self.layer_start, end
+        return adapter_layer_range(self, n_layers)
+
+
+def check_adapter_fields(cfg) -> None:
+    """Checks shared by every config that trains (hierarchical) LoRA adapters with AdamW
+    (LoRA here, DPO, GRPO): lr, clipping, warmup, target modules, schedule."""
+    if not cfg.lr > 0:
+        raise ValueError(f"lr must be > 0, got {cfg.lr}")
+    if cfg.max_grad_norm is not None and not cfg.max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 or None (off), got {cfg.max_grad_norm}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {cfg.target!r}")
+    if cfg.schedule not in ("linear", "cosine"):
+        raise ValueError(f"schedule must be linear or cosine, got {cfg.schedule!r}")
+
+
+def adapter_layer_range(cfg, n_layers: int) -> tuple[int, int]:
+    """[start, end) of the adapted layers, checked against the model; a config that is not
+    hierarchical covers every layer."""
+    if not cfg.hierarchical:
+        return 0, n_layers
+    end = n_layers if cfg.layer_end is None else cfg.layer_end
+    if not 0 <= cfg.layer_start < end <= n_layers:
+        raise ValueError(
+            f"layer range [{cfg.layer_start}, {end}) is outside the model's {n_layers} layers: "
+            f"use 0 <= layer_start < layer_end <= {n_layers}"
+        )
+    return cfg.layer_start, end
 
 
 def attach_lora(model, cfg: LoraTrainConfig):
