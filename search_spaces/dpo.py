@@ -8,6 +8,8 @@ derived (DESIGN s3); a span of the whole model is plain LoRA.
 """
 from __future__ import annotations
 
+from search_spaces.hier_lora import layer_range
+from search_spaces.lora import clipping
 from trainables.dpo import LOSS_TYPES
 
 
@@ -21,11 +23,6 @@ def space(trial, n_layers: int, max_epochs: int = 4) -> dict:
     trial.suggest_categorical("r", [4, 8, 16])
     trial.suggest_categorical("target", ["attn", "mlp", "all"])
     trial.suggest_int("epochs", 1, max_epochs)
-    start = trial.suggest_int("layer_start", 0, n_layers - 1)
-    span = trial.suggest_int("layer_span", 1, n_layers)
-    fixed: dict = {"hierarchical": True, "layer_end": min(start + span, n_layers)}
-    if clip:
-        trial.suggest_float("max_grad_norm", 0.1, 10.0, log=True)
-    else:
-        fixed["max_grad_norm"] = None
+    fixed = layer_range(trial, n_layers, n_layers)
+    fixed.update(clipping(trial, clip))
     return fixed

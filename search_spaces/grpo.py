@@ -8,6 +8,8 @@ rewards what the evaluation scores.
 """
 from __future__ import annotations
 
+from search_spaces.hier_lora import layer_range
+from search_spaces.lora import clipping
 from trainables.grpo import LOSS_TYPES
 
 
@@ -28,11 +30,6 @@ def space(trial, n_layers: int, max_epochs: int = 4) -> dict:
     # an epoch (68 prompts x the group) costs ~2-5 minutes on 2 busy cores: at most 2 keep an
     # 8-trial sweep near the 15-minute budget
     trial.suggest_int("epochs", 1, min(2, max_epochs))
-    start = trial.suggest_int("layer_start", 0, n_layers - 1)
-    span = trial.suggest_int("layer_span", 1, n_layers)
-    fixed: dict = {"hierarchical": True, "layer_end": min(start + span, n_layers)}
-    if clip:
-        trial.suggest_float("max_grad_norm", 0.1, 10.0, log=True)
-    else:
-        fixed["max_grad_norm"] = None
+    fixed = layer_range(trial, n_layers, n_layers)
+    fixed.update(clipping(trial, clip))
     return fixed

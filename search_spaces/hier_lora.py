@@ -12,7 +12,12 @@ from search_spaces import lora
 
 def space(trial, n_layers: int, max_epochs: int = 4) -> dict:
     fixed = lora.space(trial, n_layers, max_epochs)
-    start = trial.suggest_int("layer_start", 0, n_layers - 1)
-    span = trial.suggest_int("layer_span", 1, max(1, n_layers // 2))
-    fixed.update(hierarchical=True, layer_end=min(start + span, n_layers))
+    fixed.update(layer_range(trial, n_layers, n_layers // 2))
     return fixed
+
+
+def layer_range(trial, n_layers: int, max_span: int) -> dict:
+    """``layer_start`` and ``layer_span`` on fixed ranges, ``layer_end`` derived (see above)."""
+    start = trial.suggest_int("layer_start", 0, n_layers - 1)
+    span = trial.suggest_int("layer_span", 1, max(1, max_span))
+    return {"hierarchical": True, "layer_end": min(start + span, n_layers)}

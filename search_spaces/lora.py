@@ -18,9 +18,13 @@ def space(trial, n_layers: int, max_epochs: int = 4) -> dict:
     trial.suggest_categorical("schedule", ["linear", "cosine"])
     trial.suggest_int("epochs", 1, max_epochs)
     trial.suggest_categorical("batch_size", [8, 16])
-    fixed: dict = {"hierarchical": False}
+    return {"hierarchical": False, **clipping(trial, clip)}
+
+
+def clipping(trial, clip: bool) -> dict:
+    """Gradient-norm clipping: ``max_grad_norm`` on a log range, or off (the seed's failure
+    mode) as the constant ``max_grad_norm = None``. Call it last, after the rest of the space."""
     if clip:
         trial.suggest_float("max_grad_norm", 0.1, 10.0, log=True)
-    else:
-        fixed["max_grad_norm"] = None
-    return fixed
+        return {}
+    return {"max_grad_norm": None}
