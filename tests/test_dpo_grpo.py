@@ -75,6 +75,13 @@ def test_dpo_divergence_guard_stops_the_trial(small_testbed):
 
 
 def test_grpo_runs_and_logs_every_reward_component(small_testbed):
+    import shutil
+
+    from trainables.testbed import cache_root
+
+    # The context runs are cached on disk across trials; start cold so that the count of
+    # programs run below means the same whatever ran earlier against this cache.
+    shutil.rmtree(cache_root() / "rewards", ignore_errors=True)
     history: list[dict] = []
     cfg = GrpoTrainConfig(lr=3e-3, epochs=1, num_generations=4, prompts_per_step=2, max_completion_length=16,
                           r=4, contexts_per_migration=1, exec_timeout=2.0)
