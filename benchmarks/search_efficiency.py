@@ -6,7 +6,8 @@ define-by-run space) train real trials through ``trainables.lora.train_loop``:
 - **random**: Optuna's RandomSampler, no early stopping, ``--budget`` trials (40);
 - **tpe+asha**: the engine's sampler (TPE, 8 start-up trials, same seed) with asynchronous
   successive halving (Optuna's SuccessiveHalvingPruner with the engine's ASHA settings: grace 1
-  epoch, reduction factor 3) deciding on the per-epoch objective, until its best objective
+  epoch, reduction factor 3) deciding on the per-epoch `progress` (the objective plus the
+  continuous soft-generalization tie-breaker, as in the engine), until its best objective
   reaches the best that random search found in all of its trials (or ``--budget`` trials).
 
 Printed per seed and as the mean over seeds: ``trials_to_match`` (TPE + ASHA trials until it
@@ -78,7 +79,7 @@ def search(kind: str, seed: int, budget: int, target: float | None, world: str) 
         def report(metrics: dict, ckpt) -> None:
             seen.append(metrics)
             if kind != "random" and not metrics.get("final"):
-                trial.report(metrics["objective"], len(seen))
+                trial.report(metrics.get("progress", metrics["objective"]), len(seen))  # as the engine's ASHA
                 if trial.should_prune():
                     raise optuna.TrialPruned
 

@@ -454,7 +454,10 @@ def _run(method: Method, args) -> int:
         from ray.tune.schedulers import ASHAScheduler
 
         metric, mode = "objective", "max"
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode,
+        # ASHA ranks intermediate reports by `progress` (the objective plus a continuous
+        # tie-breaker, trainables/evaluation.py): on the objective alone most first-rung
+        # reports tie at 0 and ASHA stops almost nothing. Optuna sees the objective.
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric="progress", mode=mode,
                                   max_t=max_epochs, grace_period=1, reduction_factor=3)
     searcher = make_searcher(method, n_layers, max_epochs, metric, mode, args.seed, concurrent)
     run_config = tune.RunConfig(

@@ -11,7 +11,7 @@ import sys
 
 sys.path[0] = str(pathlib.Path(__file__).resolve().parent.parent)  # the project root, not sweeps/
 
-ORDER = ["efficacy", "generalization", "old_api_rate", "locality", "locality_accuracy", "api_correct",
+ORDER = ["efficacy", "generalization", "soft_generalization", "old_api_rate", "locality", "locality_accuracy", "api_correct",
          "syntax_ok", "exact_match", "edit_similarity", "objective", "n_migrations", "n_libraries", "n_locality"]
 
 

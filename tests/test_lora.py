@@ -119,3 +119,31 @@ def test_augment_adds_renamed_copies_that_keep_the_new_api(small_testbed):
         prompt, new = rename_variables(p.prompt, p.new, rng)
         m = by_id[p.source]
         assert check_completion(prompt, new, m.deprecated, m.replacement).correct, (prompt, new)
+
+
+def test_line_logprobs_match_one_unpadded_forward_per_pair(small_testbed, fixture_data):
+    from trainables.evaluation import line_logprobs
+
+    model, tok = load_model("testbed")
+    migrations = fixture_data[0]
+    pairs = [(c.prompt, line) for m in migrations for c in m.probe_contexts for line in (c.old, c.new)]
+    batched = line_logprobs(model, tok, pairs, batch_size=3)  # padded batches of mixed lengths
+    for (prompt, line), got in zip(pairs, batched):
+        p = [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
+        c = tok(line, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([p + c])).logits[0].float(), -1)
+        want = sum(logp[len(p) - 1 + k, t].item() for k, t in enumerate(c))
+        assert got == pytest.approx(want, abs=1e-3), (line, got, want)
+    # the base testbed memorised the old lines: it prefers them on every probe
+    assert all(batched[i] > batched[i + 1] for i in range(0, len(batched), 2))
+
+
+def test_soft_generalization_rises_as_the_adapter_learns_and_progress_adds_it(small_testbed):
+    history: list[dict] = []
+    train_loop(_cfg(epochs=3, lr=1e-2), local_reporter(history))
+    soft = [h["soft_generalization"] for h in history]
+    assert soft[0] < soft[-1] and soft[-1] > 0.2, soft
+    for h in history:
+        assert 0.0 <= h["soft_generalization"] <= 1.0
+        assert h["progress"] == pytest.approx(h["objective"] + 0.1 * h["soft_generalization"])

@@ -95,6 +95,18 @@ class Reporter:
     restore: Callable[[], str | None]
     is_chief: bool = True
 
+    def __post_init__(self) -> None:
+        # Every report that has an objective also has `progress` (what ASHA ranks by): reports
+        # that skip the evaluation (diverged, OOM) rank by their objective alone.
+        inner = self.report
+
+        def report(metrics: dict, ckpt_dir: str | None) -> None:
+            if "objective" in metrics and "progress" not in metrics:
+                metrics = {**metrics, "progress": metrics["objective"]}
+            inner(metrics, ckpt_dir)
+
+        self.report = report
+
 
 def tune_reporter() -> Reporter:
     """Report through ``ray.tune`` from inside a Tune function trainable."""

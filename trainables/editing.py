@@ -360,6 +360,7 @@ def edit_loop(cfg: _EditBase, reporter: Reporter, *, eval_data=None, weights_out
             metrics.update(edit_scores(model, tokenizer, requests, edited))
             metrics["objective"] = objective({"generalization": metrics["edit_generalization"],
                                               "locality": metrics["locality"]})
+            metrics["progress"] = metrics["objective"]  # ASHA ranks edits by their own objective
             metrics.update(common, epoch=phase + 1, edited=edited, delta_norm=delta, edit_seconds=edit_seconds,
                            trial_seconds=time.time() - t_start, final=final,
                            trial_status=STATUS_COMPLETED if final else "running")
