@@ -41,23 +41,29 @@ class TestbedConfig:
     intermediate_size: int = 256  # ~2.7x hidden, as in Llama
     vocab_size: int = 1024  # the corpus is ~60 KB of code; more merges only slow the LM head
     max_length: int = 128  # tokens per example; prompts are <= 200 chars, completions <= 90
-    # Pretraining: ~0.25 s/step on 2 cores (batch 32). With the defaults below, 700 steps gave
-    # old_api_rate 1.0 and locality_accuracy 1.0 in 184 s; 620 keeps the build under 3 minutes.
-    # (One renamed copy per context as well needed > 800 steps for old_api_rate >= 0.95.)
-    steps: int = 620
+    # Pretraining: ~0.25 s/step on 2 cores (batch 32): 1000 steps build in ~4.5 minutes with
+    # old_api_rate 0.99, locality_accuracy 1.00 (one renamed copy per context needs > 800 steps
+    # for old_api_rate >= 0.95).
+    steps: int = 1000
     batch_size: int = 32
     lr: float = 5.0e-3
     warmup_steps: int = 40
     weight_decay: float = 0.01
-    # Per epoch: each old-API context verbatim + this many variable-renamed variants (teaches
-    # each idiom as a pattern; costs steps: off by default, see `steps`).
-    renamed_copies: int = 0
+    # Per epoch: each old-API context verbatim + this many variable-renamed variants: teaches
+    # each idiom as a pattern rather than one string per context.
+    renamed_copies: int = 1
     locality_copies: int = 1  # locality snippets are memorised verbatim
-    # Real code LMs have seen a little new-API code and still default to the old form. The
-    # testbed gets the same prior: renamed train contexts written with the new API, only ever
-    # behind a `# requires: lib>=version` header that evaluation prompts never carry (so the
-    # base model still writes the old APIs; probe contexts never appear in new form).
-    tagged_new_copies: int = 1
+    # Real code LMs have seen some new-API code, in many codebases, and still default to the old
+    # form. The testbed gets the same latent knowledge: renamed copies of the contexts written
+    # with the new API, only ever behind a `# requires: lib>=version` header that evaluation
+    # prompts never carry. The base model therefore writes the old APIs everywhere (the header
+    # makes it write the new one on 77% of the probe contexts); no probe's verbatim new line is
+    # ever seen, and the update methods never train on probe contexts.
+    tagged_new_copies: int = 2
+    # Write the probe contexts (variables renamed, never verbatim) in the tagged new form too.
+    # Off, the header-conditioned probe rate was 44% (24% with one copy and no renaming), and a
+    # 3-example update had little latent knowledge to move: generalization <= 0.57.
+    tagged_new_probes: bool = True
     # Loss weight of prompt tokens (completions weigh 1). The metrics only read completions;
     # down-weighting the prompts' boilerplate (imports, setup lines) spends the 3-minute budget
     # where it counts.
@@ -77,8 +83,10 @@ class TestbedConfig:
 
     def key(self, data_digest: str) -> str:
         fields = dataclasses.asdict(self)
-        if not fields["edit_statements"]:  # added later: left out when off, so existing caches stay valid
-            del fields["edit_statements"]
+        # Fields added later are left out at their defaults, so existing caches stay valid.
+        for name, default in (("edit_statements", 0), ("tagged_new_probes", False)):
+            if fields[name] == default:
+                del fields[name]
         blob = json.dumps([BUILD_VERSION, fields, data_digest], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -170,7 +178,7 @@ def epoch_pairs(migrations, locality, cfg: "TestbedConfig", rng: random.Random) 
         for ctx in m.train_contexts + m.probe_contexts:
             pairs.append((ctx.prompt, ctx.old))
             pairs += [rename_variables(ctx.prompt, ctx.old, rng) for _ in range(cfg.renamed_copies)]
-        for ctx in m.train_contexts:
+        for ctx in m.train_contexts + (m.probe_contexts if cfg.tagged_new_probes else ()):
             for _ in range(cfg.tagged_new_copies):
                 p, c = rename_variables(ctx.prompt, ctx.new, rng)
                 pairs.append((version_tag(m) + p, c))
