@@ -1,5 +1,5 @@
-"""GRPO search space: optimiser, GRPO loss, KL and sampling, reward weights, adapters and their
-layer range.
+"""GRPO search space: SFT warm start, optimiser, GRPO loss, KL and sampling, reward weights,
+adapters and their layer range.
 
 The group size and temperature decide how often a group holds both an old-API and a new-API
 completion (the only groups with a learning signal: GRPO's advantage is relative within the
@@ -30,6 +30,10 @@ def space(trial, n_layers: int, max_epochs: int = 4) -> dict:
     # an epoch (68 prompts x the group) costs ~2-5 minutes on 2 busy cores: at most 2 keep an
     # 8-trial sweep near the 15-minute budget
     trial.suggest_int("epochs", 1, min(2, max_epochs))
+    # SFT warm start (trainables/grpo.py): from the base testbed almost no sampled group holds a
+    # new-API completion, so every GRPO trial starts from 1-4 supervised epochs
+    trial.suggest_int("sft_epochs", 1, 4)
+    trial.suggest_float("sft_lr", 1e-3, 1e-2, log=True)
     fixed = layer_range(trial, n_layers, n_layers)
     fixed.update(clipping(trial, clip))
     return fixed

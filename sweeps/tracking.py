@@ -176,7 +176,13 @@ class MlflowTracker(Callback):
         metrics = [Metric(k, v, now, step) for k, v in _numeric(result).items()
                    if k not in ("time_this_iter_s", "timestamp", "pid", "done", "time_since_restore",
                                 "iterations_since_restore", "time_total_s")]
-        self._retry(self.client.log_batch, run_id, metrics=metrics)
+        # Per-optimizer-step rows (TRL trainables: loss, grad norm, each reward component), at
+        # their global step under "step/" so they do not mix with the per-epoch series.
+        for row in result.get("step_log") or ():
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                metrics += [Metric(f"step/{k}", v, now, row["step"]) for k, v in _numeric(row).items() if k != "step"]
+        for i in range(0, len(metrics), 900):  # MLflow takes at most 1000 metrics per batch
+            self._retry(self.client.log_batch, run_id, metrics=metrics[i : i + 900])
 
     def _finish(self, trial, errored: bool) -> None:
         run_id = self.run_id(trial)

@@ -95,6 +95,23 @@ def test_grpo_runs_and_logs_every_reward_component(small_testbed):
     assert out["sandbox_calls"] >= 1 and out["programs_run"] >= 12  # 4 contexts x 3 programs, then lines
     for m in ("objective", "efficacy", "generalization", "locality", "trainable_params"):
         assert m in out
+    # every optimizer step, each reward component at its own global step
+    assert [r["step"] for r in out["step_log"]] == [1, 2]
+    for row in out["step_log"]:
+        assert {f"rewards/{c}/mean" for c in ("api", "format", "reward")} <= set(row), row
+
+
+def test_grpo_sft_warm_start_teaches_the_new_api_before_rl(small_testbed):
+    history: list[dict] = []
+    cfg = GrpoTrainConfig(lr=1e-3, epochs=1, num_generations=4, prompts_per_step=4, max_completion_length=16,
+                          r=4, contexts_per_migration=1, exec_timeout=2.0, sft_epochs=4, sft_lr=1e-2)
+    out = grpo_loop(cfg, local_reporter(history))
+    assert out["trial_status"] == "completed", out
+    # the base small testbed writes no new API (test_testbed); 4 SFT epochs make it write some,
+    # and the RL phase then samples groups that hold new-API completions (api reward > 0)
+    assert out["warmup_efficacy"] > 0.0 and out["warmup_soft_generalization"] > 0.05, out
+    assert out["warmup_loss"] < 1.5
+    assert out["rewards_api_mean"] > 0.0, out
 
 
 @pytest.mark.parametrize("cls,bad,message", [
@@ -126,4 +143,12 @@ def test_smoke_sweep_through_the_engine(method, tmp_path, small_testbed):
             assert m in k["metrics"], (m, k["metrics"])
         if method == "grpo" and k["tags"]["trial_status"] == "completed":
             assert {f"rewards_{c}_mean" for c in COMPONENTS} <= set(k["metrics"])
+            # per-step reward components reach MLflow at their global step
+            import sqlite3
+
+            con = sqlite3.connect(home / "mlflow.db")
+            steps = [s for (s,) in con.execute("select step from metrics where run_uuid = ? and key = ? order by step",
+                                               (k["id"], "step/rewards/api/mean"))]
+            con.close()
+            assert steps and steps == list(range(1, len(steps) + 1)), steps
     assert Path(home / "mlflow.db").is_file()

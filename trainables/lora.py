@@ -162,6 +162,41 @@ def _batch(examples, pad_id):
     return ids, mask, labels
 
 
+def supervised_warmup(model, tokenizer, dataset: str | None, epochs: int, lr: float, *, batch_size: int = 8,
+                      max_grad_norm: float = 1.0, seed: int = 0) -> list[float]:
+    """Supervised epochs on the training pairs (prompt -> new code) for the adapters already
+    attached to ``model``: the warm start of an RL run (SFT, then RL), so that the policy's
+    samples hold the new API often enough for a group-relative advantage to exist. Returns the
+    mean loss of each epoch; raises ``Diverged`` like every training loop here."""
+    import torch
+
+    if epochs <= 0:
+        return []
+    examples = training_examples(tokenizer, dataset)
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    rng, guard, step, means = random.Random(seed), DivergenceGuard(), 0, []
+    model.train()
+    for _ in range(epochs):
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        losses = []
+        for b in range(0, len(order), batch_size):
+            ids, mask, labels = (t.to(device) for t in _batch([examples[i] for i in order[b : b + batch_size]],
+                                                              tokenizer.pad_token_id))
+            opt.zero_grad(set_to_none=True)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+            guard.check(step, loss.item(), grad_norm)
+            opt.step()
+            step += 1
+            losses.append(loss.item())
+        means.append(sum(losses) / len(losses))
+    return means
+
+
 def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -98,6 +98,10 @@ def make_bridge(cfg, reporter: Reporter, model, tokenizer, eval_data, common: di
             final = state.global_step >= state.max_steps
             metrics, preds = evaluate(model, tokenizer, migrations, locality, base_loc, quick=not final)
             means = {k.replace("/", "_"): _mean([r.get(k) for r in self.epoch_logs]) for k in ("loss", *log_keys)}
+            # every logged step of this epoch (loss, grad norm, each reward component): the
+            # driver's MLflow tracker logs them at their global step (sweeps/tracking.py)
+            metrics["step_log"] = [{k: v for k, v in r.items() if k == "step" or k in ("loss", "grad_norm", *log_keys)}
+                                   for r in self.epoch_logs]
             metrics.update(common, **means, train_loss=means["loss"], epoch=int(round(state.epoch or 0)),
                            step=state.global_step, total_steps=state.max_steps,
                            trial_seconds=time.time() - t_start, final=final,
@@ -115,9 +119,14 @@ def make_bridge(cfg, reporter: Reporter, model, tokenizer, eval_data, common: di
 
 
 def run_trainer(cfg, reporter: Reporter, build: Callable[[Any, Any, str], Any], log_keys: tuple[str, ...],
-                eval_data=None, adapter_out: str | None = None) -> dict:
+                eval_data=None, adapter_out: str | None = None,
+                warm_start: Callable[[Any, Any], dict] | None = None) -> dict:
     """Load the model, attach the adapters, ``build(model, tokenizer, out_dir)`` a TRL trainer,
-    train with the bridge (resuming from the reporter's checkpoint), return the final metrics."""
+    train with the bridge (resuming from the reporter's checkpoint), return the final metrics.
+
+    ``warm_start(model, tokenizer)``: trains the fresh adapters before the trainer is built
+    (not on resume: the checkpoint holds its effect) and returns metrics that every report of
+    the run carries."""
     import torch
 
     from trainables.data import load_locality, load_migrations
@@ -151,6 +160,8 @@ def run_trainer(cfg, reporter: Reporter, build: Callable[[Any, Any, str], Any], 
             pass
         print(f"resuming from {resume}", flush=True)
     try:
+        if warm_start is not None and not resume:
+            common.update(warm_start(model, tokenizer))
         trainer = build(model, tokenizer, out_dir)
         trainer.add_callback(bridge)
         from transformers.trainer_callback import PrinterCallback
