@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check for a machine with NVIDIA GPUs, sized for a 10-minute slot (about 6 minutes of
-# work on one H200 once the testbed is cached; the first run builds it, ~3 minutes on CPU).
+# work on one H200 once the testbed is cached; the first run builds it, ~4.5 minutes on CPU).
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 #

@@ -147,3 +147,22 @@ def test_soft_generalization_rises_as_the_adapter_learns_and_progress_adds_it(sm
     for h in history:
         assert 0.0 <= h["soft_generalization"] <= 1.0
         assert h["progress"] == pytest.approx(h["objective"] + 0.1 * h["soft_generalization"])
+
+
+def test_prompt_kl_is_zero_for_fresh_adapters_and_grows_when_they_move(small_testbed):
+    from trainables.lora import _batch, prompt_kl, training_examples
+
+    model, tok = load_model("testbed")
+    model = attach_lora(model, _cfg())
+    ids, mask, labels = _batch(training_examples(tok, None)[:4], tok.pad_token_id)
+    kl0 = prompt_kl(model, ids, mask, labels, model(input_ids=ids, attention_mask=mask).logits)
+    assert abs(kl0.item()) < 1e-5  # LoRA's B starts at 0: the adapted model is the base model
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    kl1 = prompt_kl(model, ids, mask, labels, logits)
+    assert kl1.item() > 1e-4 and kl1.requires_grad  # it trains the adapters
+    kl1.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)

@@ -59,6 +59,10 @@ class LoraTrainConfig:
     # memorise as strings; renamed copies make the update a pattern, which is what transfers
     # to the held-out probe contexts (generalization).
     augment: int = 0
+    # Weight of a KL term that keeps the adapted model's next-token distributions on the
+    # *prompt* tokens of the training pairs (ordinary, unchanged code) equal to the base
+    # model's (adapters disabled): a no-forgetting regulariser that needs no extra data.
+    kl_weight: float = 0.0
     batch_size: int = 16
     grad_accum: int = 1  # optimizer step every grad_accum micro-batches
     seed: int = 0
@@ -70,6 +74,8 @@ class LoraTrainConfig:
         check_adapter_fields(self)
         if self.augment < 0:
             raise ValueError(f"augment must be >= 0, got {self.augment}")
+        if not self.kl_weight >= 0:
+            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
         if self.r < 1 or self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("r, epochs, batch_size and grad_accum must be >= 1")
         if not 0 <= self.dropout < 1:
@@ -197,6 +203,21 @@ def supervised_warmup(model, tokenizer, dataset: str | None, epochs: int, lr: fl
     return means
 
 
+def prompt_kl(model, ids, mask, labels, logits):
+    """Mean KL(base || adapted) of the next-token distributions at the positions that predict a
+    prompt token (labels -100, not padding); the base is the same PEFT model with its adapters
+    disabled, so no second copy of the weights is held."""
+    import torch
+
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    where = ((labels[:, 1:] == -100) & (mask[:, 1:] == 1)).float()
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    logq = torch.log_softmax(base, -1)
+    kl = (logq.exp() * (logq - logp)).sum(-1)
+    return (kl * where).sum() / where.sum().clamp(min=1.0)
+
+
 def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -314,7 +335,11 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
                 loss_sum = 0.0
                 for idx in group:
                     ids, mask, labels = (t.to(device) for t in _batch([examples[i] for i in idx], tokenizer.pad_token_id))
-                    loss = train_model(input_ids=ids, attention_mask=mask, labels=labels).loss / len(group)
+                    out = train_model(input_ids=ids, attention_mask=mask, labels=labels)
+                    loss = out.loss
+                    if cfg.kl_weight:
+                        loss = loss + cfg.kl_weight * prompt_kl(model, ids, mask, labels, out.logits)
+                    loss = loss / len(group)
                     loss.backward()
                     loss_sum += loss.item()
                     train_tokens += int(mask.sum())
