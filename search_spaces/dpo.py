@@ -18,6 +18,7 @@ def space(trial, n_layers: int, max_epochs: int = 4) -> dict:
     trial.suggest_float("beta", 0.01, 0.5, log=True)
     trial.suggest_categorical("loss_type", list(LOSS_TYPES))
     trial.suggest_categorical("sft_weight", [0.0, 0.5, 1.0])
+    trial.suggest_float("kl_weight", 0.0, 2.0)  # prompt-token KL to the base (no-forgetting)
     clip = trial.suggest_categorical("clip", [True, False])
     trial.suggest_float("warmup_ratio", 0.0, 0.2)
     trial.suggest_categorical("r", [4, 8, 16])

@@ -47,6 +47,24 @@ def test_dpo_raises_the_margin_and_changes_only_adapters_in_range(small_testbed,
     assert all(any(f"layers.{i}." in k for i in range(start, end)) for k in changed), sorted(changed)
 
 
+def test_dpo_kl_weight_keeps_the_prompt_distributions_closer_to_the_base(small_testbed, tmp_path):
+    from peft import PeftModel
+
+    from trainables.lora import _batch, prompt_kl, training_examples
+    from trainables.models import load_model
+
+    drift = {}
+    for kl in (0.0, 5.0):
+        out = dpo_loop(_dpo(epochs=2, kl_weight=kl), local_reporter([]), adapter_out=str(tmp_path / f"a{kl}"))
+        assert out["trial_status"] == "completed", out
+        base, tok = load_model("testbed")
+        model = PeftModel.from_pretrained(base, str(tmp_path / f"a{kl}"))
+        ids, mask, labels = _batch(training_examples(tok, None), tok.pad_token_id)
+        with torch.no_grad():
+            drift[kl] = prompt_kl(model, ids, mask, labels, model(input_ids=ids, attention_mask=mask).logits).item()
+    assert drift[5.0] < 0.7 * drift[0.0], drift
+
+
 def test_dpo_resume_continues_at_the_next_epoch(small_testbed, tmp_path):
     keep = tmp_path / "ckpt"
     history: list[dict] = []
