@@ -246,6 +246,15 @@ def evaluate(model, tokenizer, migrations, locality, base_locality: list[str] | 
     return metrics, preds
 
 
+def default_eval_data(model_name: str) -> tuple:
+    """(migrations, locality snippets, the base model's locality completions) from data/: what
+    every training method is scored on, whatever it trained on."""
+    from trainables.data import load_locality, load_migrations
+
+    locality = load_locality()
+    return load_migrations(), locality, base_locality(model_name, locality)
+
+
 def base_locality(model_name: str, locality, load=None) -> list[str]:
     """The base model's locality completions, cached on disk per model + locality data."""
     from trainables.models import load_model, resolve

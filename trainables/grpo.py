@@ -170,11 +170,9 @@ def train_loop(cfg: GrpoTrainConfig, reporter, *, eval_data=None, adapter_out: s
                                               ("efficacy", "generalization", "soft_generalization", "locality")}}
 
     if eval_data is None:
-        from trainables.data import load_locality, load_migrations
-        from trainables.evaluation import base_locality
+        from trainables.evaluation import default_eval_data
 
-        locality = load_locality()
-        eval_data = (load_migrations(), locality, base_locality(cfg.model, locality))
+        eval_data = default_eval_data(cfg.model)
     keys = tuple(f"rewards/{n}/mean" for n in (*COMPONENTS, "reward")) + ("grad_norm", "kl", "completions/mean_length")
     metrics = run_trainer(cfg, reporter, build, keys, eval_data=eval_data, adapter_out=adapter_out,
                           warm_start=warm_start)

@@ -266,8 +266,7 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
     import torch
     from transformers import get_scheduler
 
-    from trainables.data import load_locality, load_migrations
-    from trainables.evaluation import base_locality, evaluate
+    from trainables.evaluation import default_eval_data, evaluate
     from trainables.models import load_model, num_layers
 
     set_threads(cfg.threads)
@@ -308,8 +307,7 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
             print(f"resumed from checkpoint at step {step}, epoch {epoch0}", flush=True)
 
     if eval_data is None:
-        migrations, locality = load_migrations(), load_locality()
-        eval_data = (migrations, locality, base_locality(cfg.model, locality))
+        eval_data = default_eval_data(cfg.model)
     migrations, locality, base_loc = eval_data
 
     def run_eval(quick: bool) -> tuple[dict, list]:

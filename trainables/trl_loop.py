@@ -129,8 +129,7 @@ def run_trainer(cfg, reporter: Reporter, build: Callable[[Any, Any, str], Any], 
     the run carries."""
     import torch
 
-    from trainables.data import load_locality, load_migrations
-    from trainables.evaluation import base_locality
+    from trainables.evaluation import default_eval_data
     from trainables.lora import attach_lora, trainable_parameters
     from trainables.models import load_model, num_layers
 
@@ -142,8 +141,7 @@ def run_trainer(cfg, reporter: Reporter, build: Callable[[Any, Any, str], Any], 
     cfg.layer_range(num_layers(model))  # fail fast on a bad range
     model = attach_lora(model, cfg)
     if eval_data is None:
-        locality = load_locality()
-        eval_data = (load_migrations(), locality, base_locality(cfg.model, locality))
+        eval_data = default_eval_data(cfg.model)
     guard = DivergenceGuard()
     common = {"trainable_params": trainable_parameters(model), "started_at": t_start}
     out_dir = tempfile.mkdtemp(prefix=f"{type(cfg).__name__.lower()}-")
