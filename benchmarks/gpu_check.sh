@@ -35,28 +35,8 @@ run_one() {  # $1 = gpus per trial
     --name "gpu-check-$tag" --mlruns "$home" > "$OUT/sweep_$tag.log" 2>&1 || { kill $smi; tail -30 "$OUT/sweep_$tag.log"; exit 1; }
   local t1=$(date +%s.%N)
   kill $smi; wait $smi 2>/dev/null || true
-  python - "$OUT/smi_$tag.csv" "$home/ray_results/gpu-check-$tag" "$g" "$(echo "$t1 - $t0" | bc)" <<'EOF' | tee -a "$OUT/result.jsonl"
-import csv, json, sys
-from pathlib import Path
-smi, exp, g, wall = sys.argv[1], Path(sys.argv[2]), sys.argv[3], float(sys.argv[4])
-util = {}
-for row in csv.reader(open(smi)):
-    if len(row) >= 3 and row[2].strip().isdigit():
-        util.setdefault(row[1].strip(), []).append(int(row[2]))
-spans = []
-for t in exp.glob("trial_*/result.json"):
-    rows = [json.loads(l) for l in t.read_text().splitlines() if l.strip()]
-    if rows:
-        spans.append((rows[0]["started_at"], rows[0]["started_at"] + rows[-1]["trial_seconds"], rows[-1].get("gpu_ids")))
-events = sorted([(s, 1) for s, _, _ in spans] + [(e, -1) for _, e, _ in spans])
-live = peak = 0
-for _, d in events:
-    live += d; peak = max(peak, live)
-print(json.dumps({"gpus_per_trial": float(g), "wall_s": round(wall, 1), "trials": len(spans),
-                  "max_trials_at_once": peak, "gpu_ids_seen": sorted({s[2] for s in spans if s[2]}),
-                  "busy_fraction": {k: round(sum(u > 0 for u in v) / len(v), 3) for k, v in util.items()},
-                  "mean_utilisation": {k: round(sum(v) / len(v), 1) for k, v in util.items()}}))
-EOF
+  python benchmarks/gpu_summary.py "$OUT/smi_$tag.csv" "$home/ray_results/gpu-check-$tag" "$g" "$t0" "$t1" \
+    | tee -a "$OUT/result.jsonl"
 }
 
 run_one 1
