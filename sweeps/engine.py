@@ -528,7 +528,7 @@ def oom_guard(fn):
 
             reason = f"{type(e).__module__}.{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             print(f"trial ran out of memory, recorded as failed: {reason}", flush=True)
-            tune.report({"objective": OOM_OBJECTIVE, "efficacy": 0.0, "generalization": 0.0, "locality": 0.0,
+            tune.report({"objective": OOM_OBJECTIVE, "progress": OOM_OBJECTIVE, "efficacy": 0.0, "generalization": 0.0, "locality": 0.0,
                          "trial_status": STATUS_FAILED, "failure_reason": reason, "final": True,
                          "trial_seconds": time.time() - t0})
 
