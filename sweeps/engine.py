@@ -524,13 +524,13 @@ def oom_guard(fn):
                 raise
             from ray import tune
 
-            from trainables.common import OOM_OBJECTIVE
+            from trainables.common import OOM_OBJECTIVE, with_progress
 
             reason = f"{type(e).__module__}.{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             print(f"trial ran out of memory, recorded as failed: {reason}", flush=True)
-            tune.report({"objective": OOM_OBJECTIVE, "progress": OOM_OBJECTIVE, "efficacy": 0.0, "generalization": 0.0, "locality": 0.0,
-                         "trial_status": STATUS_FAILED, "failure_reason": reason, "final": True,
-                         "trial_seconds": time.time() - t0})
+            tune.report(with_progress({"objective": OOM_OBJECTIVE, "efficacy": 0.0, "generalization": 0.0,
+                                       "locality": 0.0, "trial_status": STATUS_FAILED, "failure_reason": reason,
+                                       "final": True, "trial_seconds": time.time() - t0}))
 
     trial.__name__ = getattr(fn, "__name__", "trial")
     trial.__doc__ = fn.__doc__

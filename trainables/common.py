@@ -96,16 +96,17 @@ class Reporter:
     is_chief: bool = True
 
     def __post_init__(self) -> None:
-        # Every report that has an objective also has `progress` (what ASHA ranks by): reports
-        # that skip the evaluation (diverged, OOM) rank by their objective alone.
         inner = self.report
+        self.report = lambda metrics, ckpt_dir: inner(with_progress(metrics), ckpt_dir)
 
-        def report(metrics: dict, ckpt_dir: str | None) -> None:
-            if "objective" in metrics and "progress" not in metrics:
-                metrics = {**metrics, "progress": metrics["objective"]}
-            inner(metrics, ckpt_dir)
 
-        self.report = report
+def with_progress(metrics: dict) -> dict:
+    """Every report that has an objective also has ``progress`` (what ASHA ranks by; Tune
+    rejects a result without the scheduler's metric): reports that skip the evaluation
+    (diverged, out of memory) rank by their objective alone."""
+    if "objective" in metrics and "progress" not in metrics:
+        return {**metrics, "progress": metrics["objective"]}
+    return metrics
 
 
 def tune_reporter() -> Reporter:

@@ -65,7 +65,7 @@ class TestbedConfig:
     # 3-example update had little latent knowledge to move: generalization <= 0.57.
     tagged_new_probes: bool = True
     # Loss weight of prompt tokens (completions weigh 1). The metrics only read completions;
-    # down-weighting the prompts' boilerplate (imports, setup lines) spends the 3-minute budget
+    # down-weighting the prompts' boilerplate (imports, setup lines) spends the build budget
     # where it counts.
     prompt_loss_weight: float = 0.1
     # Knowledge editing (ROME / MEMIT, trainables/edit_requests.py): copies per epoch of each
@@ -83,7 +83,8 @@ class TestbedConfig:
 
     def key(self, data_digest: str) -> str:
         fields = dataclasses.asdict(self)
-        # Fields added later are left out at their defaults, so existing caches stay valid.
+        # Fields added later are left out at the value that builds the corpus they did not
+        # change, so caches built before them (the tests' small world among them) stay valid.
         for name, default in (("edit_statements", 0), ("tagged_new_probes", False)):
             if fields[name] == default:
                 del fields[name]
