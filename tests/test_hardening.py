@@ -232,7 +232,9 @@ def test_driver_sigkilled_three_times_then_resumed(tmp_path, small_testbed):
 
     seed = int(os.environ.get("APIUPDATE_TEST_SEED", time.time_ns() % 100_000))
     rng = random.Random(seed)
-    home, n, name = tmp_path / "mlruns", 8, "killed3"
+    # 12 trials: with ASHA ranking by `progress` most small-world trials stop after one epoch,
+    # and 8 trials (~10 reports of 1-2 s each) could finish inside one kill window
+    home, n, name = tmp_path / "mlruns", 12, "killed3"
     base = [sys.executable, "sweeps/hier_lora.py", "--num-samples", str(n), "--max-epochs", "2", "--name", name,
             "--mlruns", str(home), "--seed", "1"]
     experiment = home / "ray_results" / name
@@ -247,7 +249,7 @@ def test_driver_sigkilled_three_times_then_resumed(tmp_path, small_testbed):
         # mid-run on a fast machine as on a loaded one (a fixed 0-20 s window let the sweep
         # finish before the third kill on an idle CI machine): after the banner the driver
         # prints just before Tuner.fit, wait for 0-2 more trial reports (0 = during start-up),
-        # then 0-1 s more. 8 trials of <= 2 epochs make <= 16 reports; 3 kills use <= 6.
+        # then 0-1 s more. 12 trials make >= 12 reports; 3 kills use <= 6.
         reports = rng.randint(0, 2)
         jitter = rng.uniform(0.0, 1.0)
         delay = (reports, round(jitter, 2))
