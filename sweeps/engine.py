@@ -354,6 +354,7 @@ def _run(method: Method, args) -> int:
     dataset = check_dataset(args.dataset, args.skip_bad)
     model = (rerun_config or {}).get("model", args.model)
     n_layers = check_model(model)
+    method.prepare_model(model)  # e.g. the editing methods' statement testbed, built once here
     if rerun_config is not None:
         from trainables.common import config_from_dict
 

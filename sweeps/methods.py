@@ -19,6 +19,11 @@ class Method:
     space: str  # "module:function" (Optuna define-by-run)
     fixed: dict = field(default_factory=dict)  # constants for every trial of this method
     summary: str = ""
+    prepare: str = ""  # "module:function" called in the driver with --model before Ray starts
+
+    def prepare_model(self, model: str) -> None:
+        if self.prepare:
+            self._load(self.prepare)(model)
 
     @staticmethod
     def _load(path: str):
@@ -69,10 +74,12 @@ METHODS: dict[str, Method] = {
         "rome", "trainables.editing:RomeConfig", "trainables.editing:trainable", "trainables.editing:run_once",
         "search_spaces.rome:space", {"algorithm": "rome"},
         "ROME: one rank-one edit of an MLP down-projection per migration (easyeditor, trainables/editing.py).",
+        prepare="trainables.editing:prepare",
     ),
     "memit": Method(
         "memit", "trainables.editing:MemitConfig", "trainables.editing:trainable", "trainables.editing:run_once",
         "search_spaces.memit:space", {"algorithm": "memit"},
         "MEMIT: all migrations edited into a range of MLP down-projections (easyeditor, trainables/editing.py).",
+        prepare="trainables.editing:prepare",
     ),
 }

@@ -3,42 +3,68 @@
 ROME and MEMIT rewrite a fact ``(subject, relation) -> object`` stored in MLP weights, keyed by
 the subject's last token. Their input is a request ``{prompt, subject, target_new,
 target_true}`` where the prompt contains the subject and ends where the object is predicted.
-For an API migration the subject is the deprecated name as written in code (``append``,
-``iteritems``, ``error_bad_lines``), the old object is that API as the old library spells it and
-the new object is its replacement (``concat``, ``items``, ``on_bad_lines``): the shortest strings
-that tell the two worlds apart, so most targets are one or two BPE tokens.
+For an API migration the object is the API as the old library spells it (``append``,
+``iteritems``, ``error_bad_lines``) or its replacement (``concat``, ``items``,
+``on_bad_lines``): the shortest strings that tell the two worlds apart.
 
-A code model sees the deprecated name *inside* the line it completes (``df = df.append(``), so
-a ROME edit keyed on that name cannot steer the tokens before it. The testbed therefore learns
-subject-keyed statements as well (``TestbedConfig.edit_statements``, off by default): each
-migration's facts in the three comment templates below, always with the old object. Template 0
-is the edit prompt; templates 1-2 are its paraphrases (generalization); the other migrations'
-template-0 prompts are the neighbourhood (they must keep their old object).
+The subject is what the API is *for*, in a few words of our own (``adding rows to a frame``;
+``data/edit_facts.json``), never the deprecated name itself. Keyed on the name, the old fact
+reads "# pandas api append: use" -> " append": a copy of a token already in the prompt, which a
+model does with attention, not with an MLP lookup at the subject, so no value vector at the
+subject could outvote it (session 4: ROME's own v* optimisation reached P(new) 0.03-0.4 at
+every layer, with a clamp of 20, and no edit took). A task phrase has to be *recalled*: the
+fact lives where ROME looks for it.
+
+The testbed learns these statements only with ``TestbedConfig.edit_statements`` (off by
+default): every template below with each migration's old object. Template 0 is the edit prompt;
+templates 1-2 are its paraphrases (generalization); each library's stable API (``merge``,
+``zeros``, ...) in the same templates is the neighbourhood: it must keep its own name after
+every edit. The subject ends each prompt, so the object is predicted right after its last token.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
-# Comment lines a codebase could hold ("# pandas append: use append"); no braces, because
-# easyeditor formats prompts with str.format.
+# Comment lines a codebase could hold; no braces beyond the fields, because easyeditor formats
+# prompts with str.format.
 TEMPLATES = (
-    "# {library} api {subject}: use",
-    "# in {library} code, the {subject} call is spelled",
-    "# {library}: instead of guessing {subject}, write",
+    "# {library} call for {task}",
+    "# the {library} function used for {task}",
+    "# {library} helper doing {task}",
 )
+FACTS_FILE = "edit_facts.json"
 
-# Neighbourhood (ROME's "neighborhood success"): per library, a stable API that no migration
-# touches. Its statement is in the same template, is learnt the same way, and must keep
-# predicting its own name after every edit (rather than an edit's new object).
-NEIGHBOURS = {
-    "pandas": "merge", "numpy": "zeros", "sklearn": "fit_transform", "torch": "matmul",
-    "tensorflow": "reduce_sum", "matplotlib": "subplots", "scipy": "minimize", "PIL": "open",
-    "seaborn": "lineplot", "yaml": "dump", "collections": "defaultdict", "asyncio": "sleep",
-    "datetime": "timedelta", "urllib3": "PoolManager", "networkx": "Graph", "transformers": "AutoModel",
-    "unittest": "assertTrue", "time": "sleep",
-}
-DEFAULT_NEIGHBOUR = "get"
+
+@dataclass(frozen=True)
+class Facts:
+    """``edit_facts.json`` of a data folder: a task phrase per migration id, and per library a
+    stable API with its own task phrase (the neighbourhood)."""
+
+    tasks: dict[str, str]
+    neighbours: dict[str, tuple[str, str]]  # library -> (api, task)
+
+
+def load_facts(path: str | Path | None = None) -> Facts:
+    from trainables.data import data_dir
+
+    path = Path(path or data_dir() / FACTS_FILE)
+    try:
+        doc = json.loads(path.read_text())
+        tasks = {r["id"]: r["task"] for r in doc["tasks"]}
+        neighbours = {r["library"]: (r["api"], r["task"]) for r in doc["neighbours"]}
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing; knowledge editing needs a task phrase per migration "
+                         f"(format: data/README.md)") from None
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: bad edit facts ({type(e).__name__}: {e})") from None
+    for text in [*tasks.values(), *(t for _, t in neighbours.values())]:
+        if not text or "{" in text or "}" in text:
+            raise ValueError(f"{path}: task phrases must be non-empty and brace-free, got {text!r}")
+    return Facts(tasks, neighbours)
+
 
 _CALL = re.compile(r"^(?P<callee>[\w.]*?)(?:\((?P<kw>\w+)=\))?$")
 
@@ -46,8 +72,8 @@ _CALL = re.compile(r"^(?P<callee>[\w.]*?)(?:\((?P<kw>\w+)=\))?$")
 @dataclass(frozen=True)
 class EditRequest:
     migration_id: str
-    subject: str  # the deprecated name, as it appears in the prompt
-    prompt: str  # template 0 with the subject in place (ends before the object)
+    subject: str  # the task phrase, as it appears in the prompt
+    prompt: str  # template 0 with the subject in place (ends right before the object)
     target_new: str  # replacement, no leading space (ROME / MEMIT prepend one)
     target_old: str
     paraphrases: tuple[str, ...]  # templates 1.. with the subject in place
@@ -87,26 +113,39 @@ def subject_and_targets(deprecated: str, replacement: str) -> tuple[str, str, st
     return old[-1], ".".join(old[-2:]), ".".join(new[-2:])
 
 
-def requests_for(migrations) -> list[EditRequest]:
+def requests_for(migrations, facts: Facts | None = None) -> list[EditRequest]:
+    facts = facts or load_facts()
+    missing = [m.id for m in migrations if m.id not in facts.tasks]
+    missing += [f"library {m.library}" for m in migrations if m.library not in facts.neighbours]
+    if missing:
+        raise ValueError(f"{FACTS_FILE}: no task phrase for {', '.join(sorted(set(missing)))}")
     out = []
     for m in migrations:
-        subject, old, new = subject_and_targets(m.deprecated, m.replacement)
-        fill = {"library": m.library, "subject": subject}
-        stable = NEIGHBOURS.get(m.library, DEFAULT_NEIGHBOUR)
-        out.append(EditRequest(m.id, subject, TEMPLATES[0].format(**fill), new, old,
-                               tuple(t.format(**fill) for t in TEMPLATES[1:]),
-                               TEMPLATES[0].format(library=m.library, subject=stable), stable))
+        _, old, new = subject_and_targets(m.deprecated, m.replacement)
+        task = facts.tasks[m.id]
+        stable, stable_task = facts.neighbours[m.library]
+        prompts = [t.format(library=m.library, task=task) for t in TEMPLATES]
+        out.append(EditRequest(m.id, task, prompts[0], new, old, tuple(prompts[1:]),
+                               TEMPLATES[0].format(library=m.library, task=stable_task), stable))
     return out
 
 
-def statements(migrations) -> list[tuple[str, str]]:
+def statements(migrations, facts: Facts | None = None) -> list[tuple[str, str]]:
     """(prompt, completion) pretraining pairs: every template of every migration with its old
-    object, and of each library's neighbour API with its own name."""
+    object, the same behind the version header with its new object (the testbed's code corpus
+    does the same: a model has seen the new names, in the few files that state the new
+    version), and each library's stable API with its own name."""
+    from trainables.testbed import version_tag
+
+    facts = facts or load_facts()
     pairs = []
-    for r in requests_for(migrations):
+    by_id = {m.id: m for m in migrations}
+    for r in requests_for(migrations, facts):
+        tag = version_tag(by_id[r.migration_id])
         for prompt in (r.prompt, *r.paraphrases):
             pairs.append((prompt, " " + r.target_old))
+            pairs.append((tag + prompt, " " + r.target_new))
     for library in sorted({m.library for m in migrations}):
-        stable = NEIGHBOURS.get(library, DEFAULT_NEIGHBOUR)
-        pairs += [(t.format(library=library, subject=stable), " " + stable) for t in TEMPLATES]
+        stable, task = facts.neighbours[library]
+        pairs += [(t.format(library=library, task=task), " " + stable) for t in TEMPLATES]
     return pairs

@@ -1,7 +1,8 @@
 """ROME and MEMIT knowledge edits of the migrations: one loop, two configs.
 
-Each migration becomes one edit request (``trainables/edit_requests.py``: subject = the
-deprecated name, new object = its replacement). The requests are applied in ``phases`` chunks
+Each migration becomes one edit request (``trainables/edit_requests.py``: subject = what the
+API is for, old object = the deprecated name, new object = its replacement), on the testbed
+built for editing (``model_path``). The requests are applied in ``phases`` chunks
 through easyeditor's own ``apply_rome_to_model`` / ``apply_memit_to_model`` (made to run under
 transformers 5 on the CPU by ``trainables/editing_compat.py``); after each chunk the trial
 reports, with a checkpoint of the edited ``down_proj`` weights, so ASHA can stop a bad trial
@@ -293,6 +294,20 @@ def _apply(cfg: _EditBase, ee, model, etok, hp, batch: list[dict]) -> None:
             ee.memit_main.apply_memit_to_model(model, etok, batch, hp)
 
 
+def model_path(name: str) -> str:
+    """What an edit trial loads: ``testbed`` is the testbed with the task-keyed statements
+    (``testbed.edit_config``: without them there is no fact to edit); anything else as given."""
+    from trainables.models import TESTBED, resolve
+    from trainables.testbed import edit_config, ensure_testbed
+
+    return str(ensure_testbed(edit_config())) if name == TESTBED else resolve(name)
+
+
+def prepare(name: str) -> None:
+    """Driver side, before Ray starts: build (or find) the model the trials will load, once."""
+    model_path(name)
+
+
 def edit_loop(cfg: _EditBase, reporter: Reporter, *, eval_data=None, weights_out: str | None = None) -> dict:
     import torch
 
@@ -300,23 +315,24 @@ def edit_loop(cfg: _EditBase, reporter: Reporter, *, eval_data=None, weights_out
     from trainables.data import load_locality, load_migrations
     from trainables.edit_requests import requests_for
     from trainables.evaluation import base_locality, evaluate, objective
-    from trainables.models import load_model, num_layers, resolve
+    from trainables.models import load_model, num_layers
 
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     t_start = time.time()
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model(cfg.model, device=device)
+    path = model_path(cfg.model)
+    model, tokenizer = load_model(path, device=device)
     n_layers = num_layers(model)
     cfg.layer_range(n_layers)
     migrations = load_migrations(cfg.dataset) if cfg.dataset else load_migrations()
     requests = requests_for(migrations)
     if eval_data is None:
         locality = load_locality()
-        eval_data = (migrations, locality, base_locality(cfg.model, locality))
+        eval_data = (migrations, locality, base_locality(path, locality))
     ev_migrations, locality, base_loc = eval_data
     corpus = local_corpus(migrations, locality)
-    hp_dict = easyedit_hparams(cfg, model.config, resolve(cfg.model))
+    hp_dict = easyedit_hparams(cfg, model.config, path)
     weights = _rewrite_weights(model, cfg)
     original = {k: v.detach().clone() for k, v in weights.items()}
     n_params = sum(v.numel() for v in weights.values())  # what the edits may change

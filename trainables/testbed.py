@@ -69,8 +69,8 @@ class TestbedConfig:
     # where it counts.
     prompt_loss_weight: float = 0.1
     # Knowledge editing (ROME / MEMIT, trainables/edit_requests.py): copies per epoch of each
-    # migration's subject-keyed statements ("# pandas api append: use append", 3 templates),
-    # so that the API is recalled through the deprecated name and an edit has a fact to change.
+    # migration's task-keyed statements ("# pandas call for adding rows to a frame append",
+    # 3 templates), so that the API is recalled from what it is for and an edit has a fact to change.
     # Off by default (0): it is only needed by the editing sweeps.
     edit_statements: int = 0
     seed: int = 0
@@ -96,6 +96,18 @@ def default_config() -> TestbedConfig:
     """The testbed config; APIUPDATE_TESTBED (JSON of field overrides) shrinks it for tests."""
     overrides = json.loads(os.environ.get("APIUPDATE_TESTBED") or "{}")
     return TestbedConfig(**overrides)
+
+
+def edit_config(cfg: TestbedConfig | None = None) -> TestbedConfig:
+    """The testbed the editing sweeps load for ``--model testbed``: the same world plus the
+    task-keyed statements, pretrained twice as long. The statements add ~460 pairs to the
+    ~2,300 of the code corpus; at the default 1,000 steps the code suffered (locality_accuracy
+    0.14, old_api_rate 0.71), and on an unconfident base every edit flips locality completions
+    it never meant to touch. A config that already has statements is used as it is."""
+    cfg = cfg or default_config()
+    if cfg.edit_statements:
+        return cfg
+    return dataclasses.replace(cfg, edit_statements=1, steps=2 * cfg.steps, vocab_size=2 * cfg.vocab_size)
 
 
 def cache_root() -> Path:
@@ -293,6 +305,16 @@ def build(out_dir: Path, cfg: TestbedConfig, migrations, locality, log=print) ->
     pairs = corpus(migrations, locality)
     texts = [p + c for p, c in pairs] + [m.old_code for m in migrations]
     texts += [p + c for p, c in epoch_pairs(migrations, locality, cfg, random.Random(cfg.seed))]
+    if cfg.edit_statements:
+        # A real code tokenizer keeps common API names whole (" concat", " product"); BPE learnt
+        # from this small corpus split them, and 26 of the 68 old / new objects shared their
+        # first token (" pro"+"duct" vs " pro"+"d"), which an edit at the subject can only
+        # change through every later attention layer. Each statement object, weighted in the
+        # tokenizer's training text only, becomes whole wherever the byte-level pre-tokenizer
+        # allows (it still splits at "_" and ".": " is"+"_"+... stays shared).
+        from trainables.edit_requests import statements
+
+        texts += sorted({c for _, c in statements(migrations)}) * 100
     tokenizer = train_tokenizer(texts, cfg.vocab_size)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
@@ -338,7 +360,13 @@ def ensure_testbed(
     cfg = cfg or default_config()
     mpath = Path(migrations_path or data.migrations_path())
     lpath = Path(locality_path or data.locality_path())
-    key = cfg.key(data.file_digest(mpath, lpath))
+    digest = data.file_digest(mpath, lpath)
+    if cfg.edit_statements:  # the statements come from templates + edit_facts.json as well
+        from trainables.edit_requests import statements
+
+        blob = json.dumps(statements(data.load_migrations(mpath)))
+        digest += hashlib.sha256(blob.encode()).hexdigest()[:16]
+    key = cfg.key(digest)
     root = cache_root() / "testbed"
     out = root / key
     if (out / "config.json").is_file():
