@@ -212,14 +212,21 @@ def config_from_easyedit_yaml(path: str | Path, **overrides) -> _EditBase:
 
 # --------------------------------------------------------------------------- scoring
 def _target_logprobs(model, tokenizer, prompts: list[str], targets: list[str]) -> list[tuple[float, float]]:
-    """(mean token log-prob, sum log-prob) of ``" " + target`` after bos + prompt, batched."""
+    """(mean token log-prob, sum log-prob) of ``" " + target`` and the end of the statement
+    (EOS, as the testbed learnt them) after bos + prompt, batched.
+
+    The end is part of the object: 7 of the 68 pairs are one name extending the other
+    (``sparse`` -> ``sparse_output``, ``predict_classes`` -> ``predict``). Without it P(" sparse")
+    ~ 1 makes the old object's mean the larger one whatever the model writes after it: a model
+    that writes ``sparse_output`` still scored as keeping ``sparse``."""
     import torch
 
     device = next(model.parameters()).device
+    end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     rows = []
     for p, t in zip(prompts, targets):
         pid = [tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False)["input_ids"]
-        tid = tokenizer(" " + t, add_special_tokens=False)["input_ids"]
+        tid = tokenizer(" " + t, add_special_tokens=False)["input_ids"] + end
         rows.append((pid, tid))
     width = max(len(a) + len(b) for a, b in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -452,9 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _config({**doc["config"], **({"model": args.model} if args.model else {})})
         from transformers import AutoConfig
 
-        from trainables.models import resolve
-
-        path = resolve(cfg.model)
+        path = model_path(cfg.model)  # the editing testbed for `testbed`, as the trials load
         write_easyedit_yaml(cfg, AutoConfig.from_pretrained(path), path, args.hparams_out)
         print(f"wrote {args.hparams_out} (EasyEdit {cfg.ALG.upper()} hparams)")
         return 0
