@@ -215,7 +215,7 @@ def _target_logprobs(model, tokenizer, prompts: list[str], targets: list[str]) -
     """(mean token log-prob, sum log-prob) of ``" " + target`` and the end of the statement
     (EOS, as the testbed learnt them) after bos + prompt, batched.
 
-    The end is part of the object: 7 of the 68 pairs are one name extending the other
+    The end is part of the object: 13 of the 68 pairs are one name extending the other
     (``sparse`` -> ``sparse_output``, ``predict_classes`` -> ``predict``). Without it P(" sparse")
     ~ 1 makes the old object's mean the larger one whatever the model writes after it: a model
     that writes ``sparse_output`` still scored as keeping ``sparse``."""
