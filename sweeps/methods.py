@@ -19,7 +19,7 @@ class Method:
     space: str  # "module:function" (Optuna define-by-run)
     fixed: dict = field(default_factory=dict)  # constants for every trial of this method
     summary: str = ""
-    prepare: str = ""  # "module:function" called in the driver with --model before Ray starts
+    prepare: str = ""  # "module:function" called in the driver with --model before Ray starts (e.g. to build it)
 
     def prepare_model(self, model: str) -> None:
         if self.prepare:
@@ -74,12 +74,12 @@ METHODS: dict[str, Method] = {
         "rome", "trainables.editing:RomeConfig", "trainables.editing:trainable", "trainables.editing:run_once",
         "search_spaces.rome:space", {"algorithm": "rome"},
         "ROME: one rank-one edit of an MLP down-projection per migration (easyeditor, trainables/editing.py).",
-        prepare="trainables.editing:prepare",
+        prepare="trainables.editing:model_path",
     ),
     "memit": Method(
         "memit", "trainables.editing:MemitConfig", "trainables.editing:trainable", "trainables.editing:run_once",
         "search_spaces.memit:space", {"algorithm": "memit"},
         "MEMIT: all migrations edited into a range of MLP down-projections (easyeditor, trainables/editing.py).",
-        prepare="trainables.editing:prepare",
+        prepare="trainables.editing:model_path",
     ),
 }

@@ -77,14 +77,14 @@ def test_tuple_nethook_shows_tensor_layer_outputs_as_tuples_and_applies_edits(sm
 
 
 # --------------------------------------------------------------------------- requests, YAML
-def test_subjects_and_targets_from_the_api_patterns():
-    from trainables.edit_requests import subject_and_targets
+def test_objects_from_the_api_patterns():
+    from trainables.edit_requests import objects
 
-    assert subject_and_targets(".append", "pandas.concat") == ("append", "append", "concat")
-    assert subject_and_targets("pandas.read_csv(error_bad_lines=)", "pandas.read_csv(on_bad_lines=)") == (
-        "error_bad_lines", "error_bad_lines", "on_bad_lines")
-    assert subject_and_targets("torch.qr", "torch.linalg.qr") == ("qr", "torch.qr", "linalg.qr")
-    assert subject_and_targets(".fillna(method=)", ".ffill") == ("fillna", "fillna", "ffill")
+    assert objects(".append", "pandas.concat") == ("append", "concat")
+    assert objects("pandas.read_csv(error_bad_lines=)", "pandas.read_csv(on_bad_lines=)") == (
+        "error_bad_lines", "on_bad_lines")
+    assert objects("torch.qr", "torch.linalg.qr") == ("torch.qr", "linalg.qr")
+    assert objects(".fillna(method=)", ".ffill") == ("fillna", "ffill")
 
 
 def test_every_project_migration_gives_a_distinct_recall_request():

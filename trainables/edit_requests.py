@@ -94,23 +94,23 @@ def _parts(pattern: str) -> tuple[list[str], str | None]:
     return [p for p in m.group("callee").split(".") if p], m.group("kw")
 
 
-def subject_and_targets(deprecated: str, replacement: str) -> tuple[str, str, str]:
-    """(subject, target_old, target_new) for one migration's AST patterns.
+def objects(deprecated: str, replacement: str) -> tuple[str, str]:
+    """(old object, new object) for one migration's AST patterns.
 
     - a renamed keyword of the same callee (``read_csv(error_bad_lines=)`` ->
-      ``read_csv(on_bad_lines=)``): the keyword;
+      ``read_csv(on_bad_lines=)``): the keywords;
     - a renamed callee (``.append`` -> ``pandas.concat``, ``fillna(method=)`` -> ``.ffill``):
       the last name of each;
     - the same last name under a new module (``torch.qr`` -> ``torch.linalg.qr``): the last two
-      names, so the targets differ (``torch.qr`` vs ``linalg.qr``), the subject stays ``qr``.
+      names, so the objects differ (``torch.qr`` vs ``linalg.qr``).
     """
     old, old_kw = _parts(deprecated)
     new, new_kw = _parts(replacement)
     if old_kw and new_kw and old[-1:] == new[-1:]:
-        return old_kw, old_kw, new_kw
+        return old_kw, new_kw
     if old[-1] != new[-1]:
-        return old[-1], old[-1], new[-1]
-    return old[-1], ".".join(old[-2:]), ".".join(new[-2:])
+        return old[-1], new[-1]
+    return ".".join(old[-2:]), ".".join(new[-2:])
 
 
 def requests_for(migrations, facts: Facts | None = None) -> list[EditRequest]:
@@ -121,7 +121,7 @@ def requests_for(migrations, facts: Facts | None = None) -> list[EditRequest]:
         raise ValueError(f"{FACTS_FILE}: no task phrase for {', '.join(sorted(set(missing)))}")
     out = []
     for m in migrations:
-        _, old, new = subject_and_targets(m.deprecated, m.replacement)
+        old, new = objects(m.deprecated, m.replacement)
         task = facts.tasks[m.id]
         stable, stable_task = facts.neighbours[m.library]
         prompts = [t.format(library=m.library, task=task) for t in TEMPLATES]

@@ -303,16 +303,13 @@ def _apply(cfg: _EditBase, ee, model, etok, hp, batch: list[dict]) -> None:
 
 def model_path(name: str) -> str:
     """What an edit trial loads: ``testbed`` is the testbed with the task-keyed statements
-    (``testbed.edit_config``: without them there is no fact to edit); anything else as given."""
+    (``testbed.edit_config``: without them there is no fact to edit); anything else as given.
+    The sweep driver calls it once before Ray starts (``Method.prepare``), so the trials find
+    the testbed built."""
     from trainables.models import TESTBED, resolve
     from trainables.testbed import edit_config, ensure_testbed
 
     return str(ensure_testbed(edit_config())) if name == TESTBED else resolve(name)
-
-
-def prepare(name: str) -> None:
-    """Driver side, before Ray starts: build (or find) the model the trials will load, once."""
-    model_path(name)
 
 
 def edit_loop(cfg: _EditBase, reporter: Reporter, *, eval_data=None, weights_out: str | None = None) -> dict:
