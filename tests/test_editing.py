@@ -164,9 +164,10 @@ def edit_testbed(small_testbed):
 
 
 def test_the_editing_testbed_keeps_each_object_one_token_where_the_pre_tokenizer_allows(edit_testbed):
-    """The corpus-learnt BPE split ` append` into 5 pieces and 26 of 68 old / new pairs shared a
-    first token; the editing testbed's tokenizer keeps every object whole unless "_" or "."
-    splits it (then its first word is whole: ` get` + `_` + ...)."""
+    """The corpus-learnt BPE split ` append` into 5 pieces, and GPT-2's pre-tokenizer splits at
+    "_": 34 of 68 old / new pairs shared a first token (` fit` + `_generator` vs ` fit`). The
+    editing testbed's tokenizer keeps every object whole unless "." splits it, and then its
+    first word is whole (` torch` + `.` + `qr`): no pair shares the token an edit decides."""
     import re
 
     from trainables.data import load_migrations
@@ -176,13 +177,28 @@ def test_the_editing_testbed_keeps_each_object_one_token_where_the_pre_tokenizer
 
     cfg = edit_config()
     assert cfg.edit_statements == 1 and cfg.steps == 2 * default_config().steps
-    assert cfg.vocab_size == 2 * default_config().vocab_size
+    assert cfg.vocab_size == 2 * default_config().vocab_size and cfg.whole_identifiers
     _, tok = load_model(str(edit_testbed))
+    firsts = []
     for r in requests_for(load_migrations()):
         for name in (r.target_old, r.target_new):
             pieces = tok.convert_ids_to_tokens(tok(" " + name, add_special_tokens=False)["input_ids"])
-            words = re.findall(r"[A-Za-z]+|\d+|[^A-Za-z\d]", name)  # what the pre-tokenizer keeps apart
+            words = re.findall(r"[\w]+|[^\w]", name)  # what the pre-tokenizer keeps apart
             assert pieces[0] == "\u0120" + words[0] and len(pieces) == len(words), (name, pieces)
+            firsts.append(pieces[0])
+        assert firsts[-1] != firsts[-2], (r.target_old, r.target_new)
+
+
+def test_whole_identifiers_changes_only_where_words_end():
+    """Only the editing testbed pre-tokenizes identifiers whole; the default still splits at "_"."""
+    from trainables.testbed import train_tokenizer
+
+    texts = ["h = fit_generator(gen, steps=3)\nh = fit(x, y)\n"] * 50
+    for whole, expected in ((False, ["\u0120fit", "_", "generator"]), (True, ["\u0120fit_generator"])):
+        tok = train_tokenizer(texts, 300, whole_identifiers=whole)
+        assert tok.convert_ids_to_tokens(tok(" fit_generator", add_special_tokens=False)["input_ids"]) == expected
+        ids = tok("model.fit_generator(gen, steps=3)", add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == "model.fit_generator(gen, steps=3)"
 
 
 def _edit(path, alg: str, cfg_kw: dict, which: list[int]):
@@ -217,7 +233,7 @@ def _edit(path, alg: str, cfg_kw: dict, which: list[int]):
 def test_rome_edits_change_only_that_layers_down_proj_and_prefer_the_new_objects(edit_testbed):
     # Fixture requests 0-1 (pandas "adding rows to a frame" -> concat, numpy "the double
     # precision scalar type" -> float), one after the other at layer 0. Measured: mean
-    # log-prob margin new - old -4.0 / -4.4 -> +3.4 / +2.2 (over the object
+    # log-prob margin new - old -4.5 / -4.1 -> +3.4 / +2.1 (over the object
     # and its end, editing._target_logprobs).
     changed, before, after = _edit(edit_testbed, "rome", {"layer": 0, "v_weight_decay": 0.05, "v_num_grad_steps": 40},
                                    [0, 1])
@@ -230,11 +246,12 @@ def test_memit_changes_only_its_layer_range_and_prefers_the_new_objects(edit_tes
                                                            "clamp_norm_factor": 4.0, "v_weight_decay": 0.05,
                                                            "v_num_grad_steps": 40}, [0, 1, 2, 3])
     assert changed == {"model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"}
-    # One batch of four: -4.0 / -4.4 / -1.3 / -4.1 -> +4.5 / +3.4 / -1.9 / +3.9 measured. Request
-    # 2's new object is the old one plus "_out": the two differ from their 7th token on, which
-    # an edit at the subject must reach through every later attention layer. With MEMIT's
-    # GPT-J settings (lambda 15000, 25 steps, weight decay 0.5) no margin moved by more than 0.3.
-    assert all(b < 0 for b in before) and after[0] > 0 and after[1] > 0, (before, after)
+    # One batch of four: -4.5 / -4.1 / -3.9 / -4.2 -> +4.8 / +2.5 / +3.7 / +3.2 measured. Request
+    # 2 is get_feature_names -> get_feature_names_out: with names split at "_" the two differed
+    # from their 7th token on and the edit left it at -1.3 -> -1.9; whole-identifier tokens
+    # (testbed.TestbedConfig.whole_identifiers) make it one token each. With MEMIT's GPT-J
+    # settings (lambda 15000, 25 steps, weight decay 0.5) no margin moved by more than 0.3.
+    assert all(b < 0 < a for b, a in zip(before, after)), (before, after)
 
 
 # --------------------------------------------------------------------------- sweeps (slow)

@@ -73,6 +73,11 @@ class TestbedConfig:
     # 3 templates), so that the API is recalled from what it is for and an edit has a fact to change.
     # Off by default (0): it is only needed by the editing sweeps.
     edit_statements: int = 0
+    # Pre-tokenize identifiers whole (letters, digits and "_"), so BPE can learn
+    # " get_feature_names_out" as one token. The byte-level default splits at "_": 8 of the 68
+    # old / new objects then share their first token (" fit"+"_generator" vs " fit"), and an edit
+    # at the subject decides nothing but that shared token. On for the editing testbed only.
+    whole_identifiers: bool = False
     seed: int = 0
     # Float reductions depend on the thread count; fixing it makes builds bit-reproducible.
     threads: int = 2
@@ -85,7 +90,7 @@ class TestbedConfig:
         fields = dataclasses.asdict(self)
         # Fields added later are left out at the value that builds the corpus they did not
         # change, so caches built before them (the tests' small world among them) stay valid.
-        for name, default in (("edit_statements", 0), ("tagged_new_probes", False)):
+        for name, default in (("edit_statements", 0), ("tagged_new_probes", False), ("whole_identifiers", False)):
             if fields[name] == default:
                 del fields[name]
         blob = json.dumps([BUILD_VERSION, fields, data_digest], sort_keys=True)
@@ -107,7 +112,8 @@ def edit_config(cfg: TestbedConfig | None = None) -> TestbedConfig:
     cfg = cfg or default_config()
     if cfg.edit_statements:
         return cfg
-    return dataclasses.replace(cfg, edit_statements=1, steps=2 * cfg.steps, vocab_size=2 * cfg.vocab_size)
+    return dataclasses.replace(cfg, edit_statements=1, steps=2 * cfg.steps, vocab_size=2 * cfg.vocab_size,
+                               whole_identifiers=True)
 
 
 def cache_root() -> Path:
@@ -208,12 +214,23 @@ def version_tag(m) -> str:
     return f"# requires: {m.library}>={m.new_version}\n"
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# GPT-2's pre-tokenizer pattern with "_" moved into words: " is_monotonic_increasing" is one
+# pre-token (GPT-2: " is", "_", "monotonic", ...), so BPE may merge it into one token.
+_IDENTIFIER_WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[\p{L}_][\p{L}\p{N}_]*| ?\p{N}+| ?[^\s\p{L}\p{N}_]+|\s+(?!\S)|\s+"""
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, whole_identifiers: bool = False):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if whole_identifiers:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_IDENTIFIER_WORDS), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -310,12 +327,12 @@ def build(out_dir: Path, cfg: TestbedConfig, migrations, locality, log=print) ->
         # from this small corpus split them, and 26 of the 68 old / new objects shared their
         # first token (" pro"+"duct" vs " pro"+"d"), which an edit at the subject can only
         # change through every later attention layer. Each statement object, weighted in the
-        # tokenizer's training text only, becomes whole wherever the byte-level pre-tokenizer
-        # allows (it still splits at "_" and ".": " is"+"_"+... stays shared).
+        # tokenizer's training text only, becomes whole wherever the pre-tokenizer allows
+        # (with whole_identifiers, everywhere but at "."; no pair then shares a first token).
         from trainables.edit_requests import statements
 
         texts += sorted({c for _, c in statements(migrations)}) * 100
-    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    tokenizer = train_tokenizer(texts, cfg.vocab_size, cfg.whole_identifiers)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
