@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def best_rows(client, methods, sweep_prefix=None) -> list[dict]:
+    from sweeps.report import rank
+
     rows = []
     for name in methods:
         exp = client.get_experiment_by_name(name)
@@ -45,7 +47,8 @@ def best_rows(client, methods, sweep_prefix=None) -> list[dict]:
                 and (not sweep_prefix or r.data.tags.get("sweep", "").startswith(sweep_prefix))]
         if not runs:
             continue
-        best = max(runs, key=lambda r: r.data.metrics["objective"])  # the store's order_by is not trusted with NaN
+        # the store's order_by is not trusted with NaN; ties are settled as the sweep summary does
+        best = max(runs, key=lambda r: rank(r.data.metrics, r.data.tags.get("trial_id")))
         m = best.data.metrics
         row = {"method": name, "sweep": best.data.tags.get("sweep", ""), "trial_id": best.data.tags.get("trial_id", ""),
                "run_id": best.info.run_id, "trials": len(runs)}

@@ -565,8 +565,8 @@ def _rerun(method, args, name, config, provenance, trainable, storage, client, e
     if m.get("trial_status") == STATUS_FAILED:
         print(f"error: the re-run failed: {m.get('failure_reason')}", file=sys.stderr)
         return 1
-    keys = ["objective", "efficacy", "generalization", "locality", "old_api_rate", "trainable_params",
-            "trial_seconds", "trial_status"]
+    from sweeps.report import SHOW
+
     print(f"re-run of {args.config} finished; MLflow run {name} in experiment {method.name}:")
-    print(json.dumps({k: m.get(k) for k in keys}))
+    print(json.dumps({k: m.get(k) for k in SHOW + ["trial_status"] if k in m}))
     return 0

@@ -19,8 +19,8 @@ sys.path[0] = str(pathlib.Path(__file__).resolve().parent.parent)  # the project
 from sweeps.engine import DEFAULT_HOME, ROOT  # noqa: E402
 from sweeps.methods import METHODS  # noqa: E402
 
-METRICS = ["objective", "efficacy", "generalization", "locality", "old_api_rate", "locality_accuracy",
-           "api_correct", "trainable_params", "trial_seconds"]
+METRICS = ["objective", "edit_efficacy", "edit_generalization", "edit_neighborhood", "efficacy", "generalization",
+           "locality", "old_api_rate", "locality_accuracy", "api_correct", "trainable_params", "trial_seconds"]
 
 
 def _git_commit() -> str:
@@ -34,6 +34,7 @@ def _git_commit() -> str:
 def export(method: str, name: str, out: pathlib.Path, tracking_uri: str) -> dict:
     import yaml
 
+    from sweeps.report import rank
     from sweeps.tracking import children, client_for, find_parent
 
     client = client_for(tracking_uri)
@@ -45,7 +46,7 @@ def export(method: str, name: str, out: pathlib.Path, tracking_uri: str) -> dict
             if r.data.tags.get("trial_status") == "completed" and "objective" in r.data.metrics]
     if not done:
         raise LookupError(f"sweep {name!r} has no completed trial yet")
-    best = max(done, key=lambda r: (r.data.metrics["objective"], -r.data.metrics.get("trainable_params", 0)))
+    best = max(done, key=lambda r: rank(r.data.metrics, r.data.tags.get("trial_id")))
     config = json.loads(best.data.tags["config_json"])
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     doc = {
@@ -90,9 +91,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     m = doc["metrics"]
-    print(f"wrote {args.out}: trial {doc['provenance']['trial_id']} of {args.name}, objective "
-          f"{m.get('objective', float('nan')):.3f}, efficacy {m.get('efficacy', float('nan')):.3f}, "
-          f"generalization {m.get('generalization', float('nan')):.3f}, locality {m.get('locality', float('nan')):.3f}")
+    shown = [k for k in METRICS[:-3] if k in m]  # not api_correct, params, seconds
+    print(f"wrote {args.out}: trial {doc['provenance']['trial_id']} of {args.name}, "
+          + ", ".join(f"{k} {m[k]:.3f}" for k in shown))
     return 0
 
 

@@ -15,6 +15,15 @@ SHOW = ["objective", "edit_efficacy", "edit_generalization", "edit_neighborhood"
         "locality", "old_api_rate", "locality_accuracy", "trainable_params", "trial_seconds"]
 
 
+def rank(metrics: dict, trial_id) -> tuple:
+    """How the best trial is chosen everywhere (the summary, the parent run, export_best): the
+    objective, then fewer trainable parameters, then locality; the trial id settles exact ties
+    (an editing objective is a count over 136 paraphrases: ties are common), so that every
+    reader picks the same trial."""
+    return (metrics["objective"], -(metrics.get("trainable_params") or 0), metrics.get("locality") or 0.0,
+            str(trial_id))
+
+
 def _row(r) -> dict:
     m = r.metrics or {}
     return {"trial_id": m.get("trial_id"), "status": trial_status(m, r.error is not None),
@@ -36,7 +45,7 @@ def summarise(method: Method, results, metric, multi_objective: bool) -> dict:
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     completed = [r for r in rows if r["status"] == "completed" and r["objective"] is not None]
-    best = max(completed, key=lambda r: (r["objective"], -(r["trainable_params"] or 0)), default=None)
+    best = max(completed, key=lambda r: rank(r, r["trial_id"]), default=None)
     return {"rows": rows, "counts": counts, "best": best,
             "pareto": pareto(rows) if multi_objective else []}
 
@@ -94,9 +103,9 @@ def finish_parent(client, parent_id: str, experiment_dir: Path, summary: dict, h
                     client.log_metric(parent_id, f"best_{k}", float(best[k]))
             client.set_tag(parent_id, "best_trial_id", best["trial_id"])
             (tmp / "best_config.yaml").write_text(yaml.safe_dump(
-                {"method": method, "config": best["config"], "metrics": {k: best[k] for k in best if k in
-                 ("objective", "efficacy", "generalization", "locality", "old_api_rate", "locality_accuracy",
-                  "trainable_params")}}, sort_keys=False))
+                {"method": method, "config": best["config"],
+                 "metrics": {k: best[k] for k in SHOW if best.get(k) is not None and k != "trial_seconds"}},
+                sort_keys=False))
             client.log_artifact(parent_id, str(tmp / "best_config.yaml"))
         (tmp / "trials.json").write_text(json.dumps(summary["rows"], default=str, indent=1))
         client.log_artifact(parent_id, str(tmp / "trials.json"))

@@ -206,3 +206,20 @@ def test_multi_objective_sweep_prints_a_pareto_front(tmp_path, small_testbed):
     parent, kids = children_of(mlflow_runs(home, "lora"), "mo")
     assert len(kids) == 3 and all("efficacy" in k["metrics"] for k in kids)
     assert [p for p in (home / "artifacts").rglob("pareto.json") if parent["id"] in p.parts]
+
+
+def test_every_reader_picks_the_same_best_trial_on_a_tie():
+    """The summary, export_best and compare all rank with report.rank: objective, then fewer
+    parameters, then locality, then the trial id; a tie on all metrics never depends on the order
+    the results arrive in (it did: the ROME summary and its export named different trials)."""
+    import itertools
+
+    from sweeps.report import rank
+
+    trials = [("a", {"objective": 0.99, "trainable_params": 100, "locality": 0.96}),
+              ("b", {"objective": 0.99, "trainable_params": 100, "locality": 0.98}),
+              ("c", {"objective": 0.99, "trainable_params": 200, "locality": 1.00}),
+              ("d", {"objective": 0.98, "trainable_params": 10, "locality": 1.00}),
+              ("e", {"objective": 0.99, "trainable_params": 100, "locality": 0.98})]
+    picks = {max(order, key=lambda t: rank(t[1], t[0]))[0] for order in itertools.permutations(trials)}
+    assert picks == {"e"}
