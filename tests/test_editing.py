@@ -189,6 +189,19 @@ def test_the_editing_testbed_keeps_each_object_one_token_where_the_pre_tokenizer
         assert firsts[-1] != firsts[-2], (r.target_old, r.target_new)
 
 
+def test_edit_config_doubles_the_steps_up_to_what_the_full_world_needs():
+    """The full editing testbed stays the one the sweeps were measured on (2,000 steps, 2,048
+    tokens, whole identifiers) whatever the code-only default trains; small worlds double."""
+    from trainables.testbed import EDIT_STEPS, TestbedConfig, edit_config
+
+    full = edit_config(TestbedConfig())
+    assert (full.steps, full.vocab_size, full.whole_identifiers, full.edit_statements) == (EDIT_STEPS, 2048, True, 1)
+    assert edit_config(TestbedConfig(steps=150)).steps == 300
+    assert edit_config(TestbedConfig(steps=1000)).steps == 2000
+    assert edit_config(TestbedConfig(steps=3000)).steps == 3000
+    assert edit_config(full) is full
+
+
 def test_whole_identifiers_changes_only_where_words_end():
     """Only the editing testbed pre-tokenizes identifiers whole; the default still splits at "_"."""
     from trainables.testbed import train_tokenizer

@@ -41,10 +41,12 @@ class TestbedConfig:
     intermediate_size: int = 256  # ~2.7x hidden, as in Llama
     vocab_size: int = 1024  # the corpus is ~60 KB of code; more merges only slow the LM head
     max_length: int = 128  # tokens per example; prompts are <= 200 chars, completions <= 90
-    # Pretraining: ~0.25 s/step on 2 cores (batch 32): 1000 steps build in ~4.5 minutes with
-    # old_api_rate 0.99, locality_accuracy 1.00 (one renamed copy per context needs > 800 steps
-    # for old_api_rate >= 0.95).
-    steps: int = 1000
+    # Pretraining: ~0.24 s/step on 2 cores (batch 32): 2000 steps build in ~8 minutes with
+    # old_api_rate 1.00, locality_accuracy 1.00 (one renamed copy per context needs > 800 steps
+    # for old_api_rate >= 0.95). 2000 rather than 1000 for the latent knowledge: given the
+    # version header the base writes the new API on 84% of the probe contexts (77% at 1000),
+    # and the same hier-LoRA config then generalizes 0.76 instead of 0.72.
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 5.0e-3
     warmup_steps: int = 40
@@ -57,7 +59,7 @@ class TestbedConfig:
     # form. The testbed gets the same latent knowledge: renamed copies of the contexts written
     # with the new API, only ever behind a `# requires: lib>=version` header that evaluation
     # prompts never carry. The base model therefore writes the old APIs everywhere (the header
-    # makes it write the new one on 77% of the probe contexts); no probe's verbatim new line is
+    # makes it write the new one on 84% of the probe contexts); no probe's verbatim new line is
     # ever seen, and the update methods never train on probe contexts.
     tagged_new_copies: int = 2
     # Write the probe contexts (variables renamed, never verbatim) in the tagged new form too.
@@ -103,17 +105,22 @@ def default_config() -> TestbedConfig:
     return TestbedConfig(**overrides)
 
 
+# Pretraining steps the editing testbed needs on the full world: with the statements added, 1,000
+# crowded out the code (locality_accuracy 0.14, old_api_rate 0.71) and 2,000 did not.
+EDIT_STEPS = 2000
+
+
 def edit_config(cfg: TestbedConfig | None = None) -> TestbedConfig:
     """The testbed the editing sweeps load for ``--model testbed``: the same world plus the
-    task-keyed statements, pretrained twice as long. The statements add ~460 pairs to the
-    ~2,300 of the code corpus; at the default 1,000 steps the code suffered (locality_accuracy
-    0.14, old_api_rate 0.71), and on an unconfident base every edit flips locality completions
-    it never meant to touch. A config that already has statements is used as it is."""
+    task-keyed statements (~460 pairs beside the ~2,300 of the code corpus), twice the steps up
+    to EDIT_STEPS (never fewer than ``cfg``'s), a 2x vocabulary and whole-identifier tokens. On
+    an unconfident base every edit flips locality completions it never meant to touch. A config
+    that already has statements is used as it is."""
     cfg = cfg or default_config()
     if cfg.edit_statements:
         return cfg
-    return dataclasses.replace(cfg, edit_statements=1, steps=2 * cfg.steps, vocab_size=2 * cfg.vocab_size,
-                               whole_identifiers=True)
+    return dataclasses.replace(cfg, edit_statements=1, steps=max(cfg.steps, min(2 * cfg.steps, EDIT_STEPS)),
+                               vocab_size=2 * cfg.vocab_size, whole_identifiers=True)
 
 
 def cache_root() -> Path:
