@@ -334,6 +334,16 @@ def main(method_name: str, argv: list[str] | None = None) -> int:
         return 130
 
 
+def has_snapshot(experiment: Path) -> bool:
+    """Whether Ray has written the experiment's state, so that ``Tuner.restore`` can continue it.
+    ``Tuner.can_restore`` is true as soon as ``tuner.pkl`` exists, which Ray writes before the
+    first ``experiment_state-*.json``; restoring a sweep killed in between, Ray logs "Failed to
+    restore the run state" and goes on with a broken experiment (1 trial of 16 in the kill test)."""
+    from ray.tune import Tuner
+
+    return Tuner.can_restore(str(experiment)) and any(experiment.glob("experiment_state-*.json"))
+
+
 def _run(method: Method, args) -> int:
     if args.resume and not args.name:
         raise UsageError("--resume needs --name NAME of the sweep to continue")
@@ -341,15 +351,15 @@ def _run(method: Method, args) -> int:
         raise UsageError("--resume and --config cannot be combined")
     home = Path(args.mlruns).expanduser().resolve()
     storage = Path(args.storage).expanduser().resolve() if args.storage else home / "ray_results"
-    if args.resume:
-        from ray.tune import Tuner
-
-        if not Tuner.can_restore(str(storage / args.name)):
-            if (storage / args.name).is_dir():
-                # Killed in its first seconds, before Ray wrote the experiment snapshot.
-                raise UsageError(f"--resume: sweep {args.name!r} stopped before its first snapshot, so there is "
-                                 f"nothing to resume; start it again without --resume")
+    if args.resume and not has_snapshot(storage / args.name):
+        if not (storage / args.name).is_dir():
             raise UsageError(f"--resume: no sweep named {args.name!r} in {storage}")
+        # Killed in its first seconds, before Ray wrote the experiment snapshot: nothing ran that
+        # could be continued, so the sweep starts again under its name (its MLflow parent is
+        # reused below; runs of trials that started before the kill are removed at the end).
+        print(f"--resume: sweep {args.name!r} stopped before its first snapshot; starting it again",
+              file=sys.stderr, flush=True)
+        args.resume = False
     rerun_config, provenance = (load_config_file(args.config, method) if args.config else (None, {}))
     dataset = check_dataset(args.dataset, args.skip_bad)
     model = (rerun_config or {}).get("model", args.model)
@@ -364,12 +374,9 @@ def _run(method: Method, args) -> int:
             raise UsageError(f"--config {args.config}: {e}") from None
     kind = "-rerun" if rerun_config is not None else ""
     name = args.name or f"{method.name}{kind}-{datetime.now():%Y%m%d-%H%M%S}"
-    if not args.resume:
-        from ray.tune import Tuner
-
-        # A folder without a snapshot (killed in its first seconds) may be started again.
-        if Tuner.can_restore(str(storage / name)):
-            raise UsageError(f"a sweep named {name!r} already exists in {storage}: use --resume or another --name")
+    # A folder without a snapshot (killed in its first seconds) may be started again.
+    if not args.resume and has_snapshot(storage / name):
+        raise UsageError(f"a sweep named {name!r} already exists in {storage}: use --resume or another --name")
     if args.gpus_per_trial is not None and args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial):
         raise UsageError("--gpus-per-trial above 1 must be a whole number")
     if not args.address:
