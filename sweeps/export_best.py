@@ -19,9 +19,6 @@ sys.path[0] = str(pathlib.Path(__file__).resolve().parent.parent)  # the project
 from sweeps.engine import DEFAULT_HOME, ROOT  # noqa: E402
 from sweeps.methods import METHODS  # noqa: E402
 
-METRICS = ["objective", "edit_efficacy", "edit_generalization", "edit_neighborhood", "efficacy", "generalization",
-           "locality", "old_api_rate", "locality_accuracy", "api_correct", "trainable_params", "trial_seconds"]
-
 
 def _git_commit() -> str:
     try:
@@ -34,7 +31,7 @@ def _git_commit() -> str:
 def export(method: str, name: str, out: pathlib.Path, tracking_uri: str) -> dict:
     import yaml
 
-    from sweeps.report import rank
+    from sweeps.report import SHOW, rank
     from sweeps.tracking import children, client_for, find_parent
 
     client = client_for(tracking_uri)
@@ -52,7 +49,8 @@ def export(method: str, name: str, out: pathlib.Path, tracking_uri: str) -> dict
     doc = {
         "method": method,
         "config": config,
-        "metrics": {k: best.data.metrics[k] for k in METRICS if k in best.data.metrics},
+        # the metrics the sweep summary shows, plus api_correct
+        "metrics": {k: best.data.metrics[k] for k in [*SHOW, "api_correct"] if k in best.data.metrics},
         "provenance": {
             "sweep": name,
             "trial_id": best.data.tags.get("trial_id"),
@@ -91,9 +89,11 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     m = doc["metrics"]
-    shown = [k for k in METRICS[:-3] if k in m]  # not api_correct, params, seconds
+    # not at module level: sweeps.report imports Ray, and --help should stay fast
+    from sweeps.report import SHOW
+
     print(f"wrote {args.out}: trial {doc['provenance']['trial_id']} of {args.name}, "
-          + ", ".join(f"{k} {m[k]:.3f}" for k in shown))
+          + ", ".join(f"{k} {m[k]:.3f}" for k in SHOW if k in m and k not in ("trainable_params", "trial_seconds")))
     return 0
 
 
