@@ -165,7 +165,7 @@ def edit_testbed(small_testbed):
 
 def test_the_editing_testbed_keeps_each_object_one_token_where_the_pre_tokenizer_allows(edit_testbed):
     """The corpus-learnt BPE split ` append` into 5 pieces, and GPT-2's pre-tokenizer splits at
-    "_": 34 of 68 old / new pairs shared a first token (` fit` + `_generator` vs ` fit`). The
+    "_": 10 of 68 old / new pairs still shared a first token (` fit` + `_generator` vs ` fit`). The
     editing testbed's tokenizer keeps every object whole unless "." splits it, and then its
     first word is whole (` torch` + `.` + `qr`): no pair shares the token an edit decides."""
     import re

@@ -76,8 +76,8 @@ class TestbedConfig:
     # Off by default (0): it is only needed by the editing sweeps.
     edit_statements: int = 0
     # Pre-tokenize identifiers whole (letters, digits and "_"), so BPE can learn
-    # " get_feature_names_out" as one token. The byte-level default splits at "_": 8 of the 68
-    # old / new objects then share their first token (" fit"+"_generator" vs " fit"), and an edit
+    # " get_feature_names_out" as one token. The byte-level default splits at "_": 10 of the 68
+    # old / new pairs then share their first token (" fit"+"_generator" vs " fit"), and an edit
     # at the subject decides nothing but that shared token. On for the editing testbed only.
     whole_identifiers: bool = False
     seed: int = 0
