@@ -195,6 +195,19 @@ def check_local_gpus(gpus: float | None) -> None:
                          f"--address to use a cluster with larger nodes")
 
 
+# --------------------------------------------------------------------------- ASHA
+ASHA_GRACE, ASHA_RF = 1, 3  # rungs at epochs 1 and 3 of the default 4
+
+
+def asha_rungs(max_t: int, grace: int = ASHA_GRACE, rf: int = ASHA_RF) -> list[int]:
+    """The epochs where ASHA (one bracket) compares trials: grace * rf**k below max_t, as
+    ray.tune.schedulers.async_hyperband._Bracket lays them out."""
+    import math
+
+    n = int(math.log(max_t / grace) / math.log(rf) + 1)
+    return [grace * rf**k for k in range(n) if grace * rf**k < max_t]
+
+
 # --------------------------------------------------------------------------- Optuna glue
 def make_searcher(method: Method, n_layers: int, max_epochs: int, metric, mode, seed: int,
                   max_concurrent: int | None = None):
@@ -458,6 +471,7 @@ def _run(method: Method, args) -> int:
     if args.multi_objective:
         metric, mode = ["efficacy", "locality"], ["max", "max"]
         scheduler = None
+        fixed["_eval_epochs"] = []  # the searcher reads final results only
     else:
         from ray.tune.schedulers import ASHAScheduler
 
@@ -465,8 +479,11 @@ def _run(method: Method, args) -> int:
         # ASHA ranks intermediate reports by `progress` (the objective plus a continuous
         # tie-breaker, trainables/evaluation.py): on the objective alone most first-rung
         # reports tie at 0 and ASHA stops almost nothing. Optuna sees the objective.
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric="progress", mode=mode,
-                                  max_t=max_epochs, grace_period=1, reduction_factor=3)
+        # Its clock is the reported `epoch`, not the report count: trials evaluate and report
+        # only at the rungs (and at their last epoch), where ASHA decides.
+        scheduler = ASHAScheduler(time_attr="epoch", metric="progress", mode=mode,
+                                  max_t=max_epochs, grace_period=ASHA_GRACE, reduction_factor=ASHA_RF)
+        fixed["_eval_epochs"] = asha_rungs(max_epochs)
     searcher = make_searcher(method, n_layers, max_epochs, metric, mode, args.seed, concurrent)
     run_config = tune.RunConfig(
         name=name, storage_path=str(storage), callbacks=[tracker],

@@ -223,3 +223,13 @@ def test_every_reader_picks_the_same_best_trial_on_a_tie():
               ("e", {"objective": 0.99, "trainable_params": 100, "locality": 0.98})]
     picks = {max(order, key=lambda t: rank(t[1], t[0]))[0] for order in itertools.permutations(trials)}
     assert picks == {"e"}
+
+
+def test_asha_rungs_are_where_ray_asha_compares_trials():
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    from sweeps.engine import asha_rungs
+
+    for max_t in (1, 2, 3, 4, 8, 9, 10, 27, 30):
+        want = sorted(m for m, _ in _Bracket(1, max_t, 3, 0)._rungs if m < max_t)
+        assert asha_rungs(max_t, 1, 3) == want, max_t

@@ -197,6 +197,7 @@ def evaluate(model, tokenizer, migrations, locality, base_locality: list[str] | 
     ``quick``: for intermediate reports (ASHA and the multi-objective searcher decide on them):
     the probes, the first train context of each migration and every 4th locality prompt
     (~45% of the full cost)."""
+    model = merged_copy(model)
     if quick:
         keep = range(0, len(locality), 4)
         locality = [locality[i] for i in keep]
@@ -244,6 +245,32 @@ def evaluate(model, tokenizer, migrations, locality, base_locality: list[str] | 
     metrics["objective"] = objective(metrics)
     metrics["progress"] = progress(metrics)
     return metrics, preds
+
+
+# Evaluate a LoRA model through a merged copy when the copy is this small (parameters): cheap
+# in memory, and it runs without PEFT's per-module adapter calls.
+MERGED_COPY_MAX_PARAMS = 100_000_000
+
+
+def merged_copy(model):
+    """A copy of a PEFT LoRA model with its adapters merged into the weights (the model itself
+    untouched), for models up to ``MERGED_COPY_MAX_PARAMS``; otherwise ``model``.
+
+    Greedy decoding calls every adapted projection once per token: on the testbed (28 adapted
+    projections) the merged copy evaluates in 4.4 s instead of 7.2 (quick) and 7.1 instead of
+    9.7 (full); the copy and merge take ~0.1 s. Merging in place and unmerging after would
+    leave the frozen weights a rounding error off after every evaluation."""
+    import copy
+
+    if not hasattr(model, "merge_and_unload") or not hasattr(model, "peft_config"):
+        return model
+    if any(c.peft_type != "LORA" for c in model.peft_config.values()):
+        return model
+    if sum(p.numel() for p in model.parameters()) > MERGED_COPY_MAX_PARAMS:
+        return model
+    merged = copy.deepcopy(model).merge_and_unload()
+    merged.eval()
+    return merged
 
 
 def default_eval_data(model_name: str) -> tuple:
