@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import shutil
 import tempfile
 from dataclasses import dataclass, fields
@@ -266,3 +267,22 @@ def maybe_wait_at_barrier(timeout: float = 30.0) -> None:
         if arrived % int(n) == 0:
             return
         time.sleep(0.05)
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random,
+                           group: int = 16) -> list[list[int]]:
+    """One epoch's batches (lists of example indices): shuffled, then sorted by length within
+    windows of ``group`` batches, cut into batches and the batches shuffled (transformers'
+    ``group_by_length``). A batch is padded to its longest example: on the default LoRA training
+    set (21-96 tokens, mean 50) random batches of 8 are 43% padding and grouped ones (16) 4%,
+    which cut a hier-LoRA step from ~145 to ~105 ms. Same batch count as plain shuffling; the
+    testbed's pretraining batches the same way (windows of 8)."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * group
+    batches = []
+    for s in range(0, len(order), window):
+        chunk = sorted(order[s : s + window], key=lengths.__getitem__)
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches

@@ -68,7 +68,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW
 
     A hand-rolled loop rather than ``model.generate``: on the testbed its per-step overhead
     dominated (5.5 s for the 570 prompts vs ~1.5 s here), and rows stop at the first newline
-    token, not only at EOS."""
+    token, not only at EOS. Finished rows leave the batch and the KV cache at once: a batch runs
+    as long as its longest completion, and completions are 17 tokens on average, so computing
+    the finished rows to the end cost ~30% of an evaluation (570 prompts on the testbed, 1 thread:
+    5.6-6.3 s -> 4.1-4.4 s, the same completions)."""
     import torch
 
     device = next(model.parameters()).device
@@ -91,8 +94,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW
                 mask[row, width - len(encoded[i]) :] = 1
             ids, mask = ids.to(device), mask.to(device)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            done = torch.zeros(len(idx), dtype=torch.bool, device=device)
-            new_tokens = []
+            rows = torch.arange(len(idx), device=device)  # which row of `idx` each batch row is
+            steps = []  # (rows, next tokens) per step
             cache = None  # transformers 5 names the KV cache `cache` (was past_key_values)
             step_ids, step_pos = ids, pos
             for _ in range(max_new_tokens):
@@ -100,18 +103,23 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW
                           cache=cache, use_cache=True, logits_to_keep=1)
                 cache = o.cache
                 nxt = o.logits[:, -1, :].argmax(-1)
-                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-                new_tokens.append(nxt)
-                done |= torch.isin(nxt, stop)
-                if bool(done.all()):
+                steps.append((rows, nxt))
+                live = ~torch.isin(nxt, stop)
+                if not bool(live.any()):
                     break
+                if not bool(live.all()):  # drop finished rows from the batch and its cache
+                    keep = live.nonzero()[:, 0]
+                    cache.batch_select_indices(keep)
+                    rows, nxt, mask, step_pos = rows[keep], nxt[keep], mask[keep], step_pos[keep]
                 step_ids = nxt[:, None]
                 step_pos = step_pos[:, -1:] + 1
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            gen = torch.stack(new_tokens, dim=1).tolist()
+            gen: list[list[int]] = [[] for _ in idx]
+            for r, t in steps:
+                for row, tok in zip(r.tolist(), t.tolist()):
+                    gen[row].append(tok)
             for row, i in enumerate(idx):
-                text = tokenizer.decode([t for t in gen[row] if t != pad], skip_special_tokens=True)
-                out[i] = first_line(text)
+                out[i] = first_line(tokenizer.decode(gen[row], skip_special_tokens=True))
     if was_training:
         model.train()
     return out

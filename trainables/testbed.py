@@ -255,28 +255,28 @@ def encode_pair(tokenizer, prompt: str, completion: str, max_length: int) -> tup
     """bos + prompt + completion + eos, tokenized in two pieces exactly as evaluation sees them.
 
     Returns the ids and the number of prompt ids (bos included)."""
-    p = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (p + c)[:max_length]
-    return ids, min(len(p), len(ids))
+    return encode_pairs(tokenizer, [(prompt, completion)], max_length)[0]
 
 
-def _bucketed_batches(examples: list[list[int]], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """One epoch of batches of similar length: shuffle, sort within windows of 8 batches, split,
-    shuffle the batches. Lengths run 15-80 tokens, so random batches wasted ~40% on padding."""
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    window = batch_size * 8
-    batches = []
-    for w in range(0, len(order), window):
-        chunk = sorted(order[w : w + window], key=lambda i: len(examples[i]))
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int) -> list[tuple[list[int], int]]:
+    """:func:`encode_pair` for many pairs in two batched tokenizer calls (a LoRA epoch's 612
+    pairs: ~0.1 s instead of ~0.5 s)."""
+    if not pairs:
+        return []
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+    out = []
+    for p_ids, c_ids in zip(prompts, completions):
+        p = [tokenizer.bos_token_id] + p_ids
+        ids = (p + c_ids + [tokenizer.eos_token_id])[:max_length]
+        out.append((ids, min(len(p), len(ids))))
+    return out
 
 
 def _pretrain(model, tokenizer, migrations, locality, cfg: TestbedConfig, log) -> None:
     import torch
+
+    from trainables.common import length_grouped_batches
 
     rng = random.Random(cfg.seed)
     examples: list[list[int]] = []
@@ -294,9 +294,8 @@ def _pretrain(model, tokenizer, migrations, locality, cfg: TestbedConfig, log) -
     t0 = time.time()
     for step in range(cfg.steps):
         if not batches:
-            examples = [encode_pair(tokenizer, p, c, cfg.max_length)
-                        for p, c in epoch_pairs(migrations, locality, cfg, rng)]
-            batches = _bucketed_batches([ids for ids, _ in examples], cfg.batch_size, rng)
+            examples = encode_pairs(tokenizer, list(epoch_pairs(migrations, locality, cfg, rng)), cfg.max_length)
+            batches = length_grouped_batches([len(ids) for ids, _ in examples], cfg.batch_size, rng, group=8)
         batch = [examples[i] for i in batches.pop()]
         width = max(len(ex) for ex, _ in batch)
         ids = torch.full((len(batch), width), tokenizer.pad_token_id)

@@ -1,0 +1,76 @@
+"""Anchor code for the no-forgetting KL: short windows of CPython's own standard library.
+
+The LoRA loop's KL term (``trainables.lora.prompt_kl``) keeps the adapted model's next-token
+distributions equal to the base model's on the *prompt* tokens of the training pairs. Those are
+all library code around the migrations, so nothing holds the update back on unrelated code, and
+that is where locality is lost: on the testbed the best hier-LoRA configs broke method calls in
+plain Python (``no_comma.split()`` -> ``no_comma.get_oton_a_fet``). Anchor rows are windows of
+ordinary code appended to each training batch with no language-model loss, only the KL: the
+update must leave them alone. The standard library is on every machine that runs Python, is
+not the evaluation's locality set (hand-written snippets in ``data/locality.jsonl``) and is
+not downloaded.
+
+The windows are drawn with a fixed seed from a fixed list of pure-Python modules, so a run is
+reproducible on one Python version; another version's library gives other windows.
+"""
+from __future__ import annotations
+
+import random
+import sysconfig
+from functools import lru_cache
+from pathlib import Path
+
+# Pure-Python standard-library modules (present from 3.9 on), general-purpose code.
+MODULES = (
+    "textwrap", "string", "shlex", "fnmatch", "glob", "csv", "json/encoder", "json/decoder", "heapq",
+    "bisect", "colorsys", "calendar", "difflib", "filecmp", "fractions", "statistics", "pprint", "random",
+    "shutil", "tempfile", "tokenize", "zipfile", "gzip", "base64", "quopri", "ftplib", "smtplib", "mailbox",
+    "configparser", "argparse", "optparse", "getopt", "logging/__init__", "dataclasses", "enum", "functools",
+    "operator", "inspect", "ast", "dis", "pickletools", "traceback", "linecache", "netrc", "plistlib",
+    "html/parser", "http/cookies", "urllib/parse", "ipaddress", "uuid", "secrets", "hmac", "datetime",
+    "locale", "gettext", "codecs", "sched", "queue", "threading", "selectors", "socketserver", "wave",
+    "tarfile", "lzma", "bz2", "zipapp", "compileall", "py_compile", "pydoc", "timeit", "cProfile", "pstats",
+    "trace", "tracemalloc", "contextlib", "abc", "numbers", "decimal", "copy", "reprlib", "weakref", "types",
+    "typing", "collections/__init__", "_collections_abc", "posixpath", "ntpath", "pathlib", "os", "stat",
+    "io", "_pyio", "subprocess", "signal",
+)
+PER_MODULE = 40  # windows drawn from each module
+LINES = 4  # lines per window
+
+
+def _code_lines(text: str) -> list[str]:
+    """Lines worth anchoring on: code (no blank, comment or docstring-quote lines), < 100 chars."""
+    return [ln for ln in text.splitlines()
+            if ln.strip() and not ln.strip().startswith("#") and len(ln) < 100 and '"""' not in ln and "'''" not in ln]
+
+
+@lru_cache(maxsize=4)
+def stdlib_windows(seed: int = 0) -> tuple[str, ...]:
+    """Dedented windows of ``LINES`` consecutive code lines, ``PER_MODULE`` per module, shuffled."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rng = random.Random(seed)
+    out: list[str] = []
+    for name in MODULES:
+        path = root / f"{name}.py"
+        if not path.is_file():
+            path = root / name / "__init__.py"
+            if not path.is_file():
+                continue
+        src = _code_lines(path.read_text(encoding="utf-8", errors="ignore"))
+        for _ in range(PER_MODULE if len(src) > LINES else 0):
+            i = rng.randrange(len(src) - LINES)
+            window = src[i : i + LINES]
+            indent = min(len(ln) - len(ln.lstrip()) for ln in window)
+            out.append("\n".join(ln[indent:] for ln in window) + "\n")
+    rng.shuffle(out)
+    return tuple(out)
+
+
+def anchor_ids(tokenizer, max_length: int, seed: int = 0) -> list[list[int]]:
+    """The windows tokenized as the training pairs are (BOS first), cut at ``max_length``."""
+    windows = stdlib_windows(seed)
+    if len(windows) < 100:
+        raise ValueError(f"anchors: found only {len(windows)} code windows in the standard library at "
+                         f"{sysconfig.get_paths()['stdlib']} (is its source installed?); set anchors to 0")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [(bos + ids)[:max_length] for ids in tokenizer(list(windows), add_special_tokens=False)["input_ids"]]
