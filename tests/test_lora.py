@@ -254,3 +254,63 @@ def test_eval_epochs_limit_the_reports_to_those_epochs_and_the_last(small_testbe
     train_loop(_cfg(epochs=3), local_reporter(history), eval_epochs=[1])
     assert [h["epoch"] for h in history] == [1, 3]
     assert history[-1]["final"] and history[-1]["step"] == history[-1]["total_steps"]
+
+
+def test_anchor_windows_are_reproducible_and_share_no_line_with_the_locality_set():
+    from trainables.anchors import locality_lines, stdlib_windows
+
+    raw = stdlib_windows(0)
+    assert len(raw) > 1000 and raw == stdlib_windows(0) and raw != stdlib_windows(1)
+    line = "raise NotImplementedError"  # the library repeats idioms that a snippet may use too
+    assert any(line in w for w in raw)
+    for exclude in (frozenset([line]), locality_lines()):
+        clean = stdlib_windows(0, exclude)
+        assert 0.9 * len(raw) < len(clean) <= len(raw)
+        assert not any(ln.strip() in exclude for w in clean for ln in w.splitlines())
+    assert len(stdlib_windows(0, frozenset([line]))) < len(raw)
+
+
+def test_anchor_rows_add_kl_positions_but_no_lm_loss(small_testbed):
+    from trainables.anchors import anchor_ids
+    from trainables.lora import _batch, anchor_rows, training_examples
+
+    torch.manual_seed(0)
+    model, tok = load_model("testbed")
+    model = _moved(attach_lora(model, _cfg())).eval()
+    rows = training_examples(tok, None)[:4]
+    width = max(len(ids) for ids, _ in rows)
+    pool = anchor_ids(tok, 128)
+    extra = anchor_rows(pool, 3, 5, width)
+    assert extra == anchor_rows(pool, 3, 5, width) and extra != anchor_rows(pool, 3, 6, width)
+    assert all(len(ids) <= width and n == len(ids) for ids, n in extra)
+    plain = _batch(rows, tok.pad_token_id)
+    mixed = _batch(rows + extra, tok.pad_token_id)
+    assert mixed[0].shape == (7, width)  # no wider than the batch
+    assert (mixed[2][4:] == -100).all()  # anchors: prompt only
+    with torch.no_grad():
+        lm_plain = model(input_ids=plain[0], attention_mask=plain[1], labels=plain[2]).loss
+        lm_mixed = model(input_ids=mixed[0], attention_mask=mixed[1], labels=mixed[2]).loss
+    assert lm_mixed.item() == pytest.approx(lm_plain.item(), abs=1e-4)
+
+
+def test_anchors_keep_unrelated_code_closer_to_the_base(small_testbed, tmp_path):
+    """The same update with and without anchor rows: with them the adapted model drifts less
+    from the base on standard-library code it never trained on (windows past the used ones)."""
+    from peft import PeftModel
+
+    from trainables.anchors import anchor_ids
+    from trainables.lora import _batch, prompt_kl
+
+    _, tok = load_model("testbed")
+    held_out = [(ids, len(ids)) for ids in anchor_ids(tok, 64)[-24:]]
+    ids, mask, labels = _batch(held_out, tok.pad_token_id)
+    drift = {}
+    for anchors in (0, 4):
+        out = tmp_path / f"a{anchors}"
+        run_once(dict(lr=1e-2, epochs=3, batch_size=4, target="all", r=4, threads=1, warmup_ratio=0.0,
+                      kl_weight=1.0, anchors=anchors), adapter_out=str(out))
+        base, _ = load_model("testbed")
+        model = PeftModel.from_pretrained(base, str(out)).eval()
+        with torch.no_grad():
+            drift[anchors] = prompt_kl(model, ids, mask, labels, model(input_ids=ids, attention_mask=mask).logits).item()
+    assert drift[4] < 0.7 * drift[0], drift

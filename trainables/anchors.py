@@ -11,7 +11,9 @@ not the evaluation's locality set (hand-written snippets in ``data/locality.json
 not downloaded.
 
 The windows are drawn with a fixed seed from a fixed list of pure-Python modules, so a run is
-reproducible on one Python version; another version's library gives other windows.
+reproducible on one Python version; another version's library gives other windows. Windows that
+share a line with the locality set are dropped (decontamination: the standard library has
+idioms such as ``args = parser.parse_args()`` that a hand-written snippet can repeat).
 """
 from __future__ import annotations
 
@@ -45,8 +47,9 @@ def _code_lines(text: str) -> list[str]:
 
 
 @lru_cache(maxsize=4)
-def stdlib_windows(seed: int = 0) -> tuple[str, ...]:
-    """Dedented windows of ``LINES`` consecutive code lines, ``PER_MODULE`` per module, shuffled."""
+def stdlib_windows(seed: int = 0, exclude: frozenset[str] = frozenset()) -> tuple[str, ...]:
+    """Dedented windows of ``LINES`` consecutive code lines, ``PER_MODULE`` per module, shuffled;
+    none with a line (stripped) in ``exclude``."""
     root = Path(sysconfig.get_paths()["stdlib"])
     rng = random.Random(seed)
     out: list[str] = []
@@ -60,15 +63,27 @@ def stdlib_windows(seed: int = 0) -> tuple[str, ...]:
         for _ in range(PER_MODULE if len(src) > LINES else 0):
             i = rng.randrange(len(src) - LINES)
             window = src[i : i + LINES]
+            if any(ln.strip() in exclude for ln in window):
+                continue
             indent = min(len(ln) - len(ln.lstrip()) for ln in window)
             out.append("\n".join(ln[indent:] for ln in window) + "\n")
     rng.shuffle(out)
     return tuple(out)
 
 
+def locality_lines(min_chars: int = 20) -> frozenset[str]:
+    """The lines (stripped) of the evaluation's locality snippets, prompts and completions, of at
+    least ``min_chars`` characters: statements, not ``try:`` or ``return None``."""
+    from trainables.data import load_locality
+
+    return frozenset(ln.strip() for s in load_locality() for ln in (s.prompt + s.completion).splitlines()
+                     if len(ln.strip()) >= min_chars)
+
+
 def anchor_ids(tokenizer, max_length: int, seed: int = 0) -> list[list[int]]:
-    """The windows tokenized as the training pairs are (BOS first), cut at ``max_length``."""
-    windows = stdlib_windows(seed)
+    """The windows (decontaminated against the locality set) tokenized as the training pairs
+    are (BOS first), cut at ``max_length``."""
+    windows = stdlib_windows(seed, locality_lines())
     if len(windows) < 100:
         raise ValueError(f"anchors: found only {len(windows)} code windows in the standard library at "
                          f"{sysconfig.get_paths()['stdlib']} (is its source installed?); set anchors to 0")
