@@ -5,8 +5,8 @@
    it); its wall time from launch to exit.
 2. **plain**: the very trials that sweep ran (each trial's config read back from its Ray
    folder), one after another in this process through the trainable's training function
-   ``train_loop``, each stopped after as many epochs as it ran in the sweep (ASHA stopped
-   some early: the plain loop stops them at the same report), timed per trial.
+   ``train_loop``, evaluating at the same epochs (ASHA's rungs) and stopped after as many
+   reports as it made in the sweep (ASHA stopped some early), timed per trial.
 
 ``overhead_ratio`` = engine wall / (sum of plain trial seconds / parallel slots), with the
 slots the sweep ran at once (2 on 2 cores). 1.0 would mean the engine costs nothing beyond
@@ -65,7 +65,7 @@ def plain_seconds(config: dict, reports: int, finished: bool) -> float:
     cfg = config_from_dict(LoraTrainConfig, config)
     t0 = time.perf_counter()
     try:
-        train_loop(cfg, Reporter(report, lambda: None))
+        train_loop(cfg, Reporter(report, lambda: None), eval_epochs=config.get("_eval_epochs"))
     except _Stop:
         pass
     return time.perf_counter() - t0
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = []
     for i, (config, reports, finished, _) in enumerate(trials):
         seconds.append(plain_seconds(config, reports, finished))
-        print(f"plain {i + 1}/{len(trials)}: {reports} epoch(s){'' if finished else ' (stopped by ASHA)'} "
+        print(f"plain {i + 1}/{len(trials)}: {reports} report(s){'' if finished else ' (stopped by ASHA)'} "
               f"{seconds[-1]:.1f} s", flush=True)
     ideal = sum(seconds) / args.slots
     in_engine = sum(t[3] for t in trials)  # the same trials' seconds inside the engine's workers

@@ -32,9 +32,11 @@ import time  # noqa: E402
 
 
 def bare_tokens_per_s(cfg, epochs: int) -> float:
-    """Plain PEFT loop over the same examples and batch size as the trial."""
+    """Plain PEFT loop over the same examples and batches as the trial (length-grouped, the
+    same seed: what transformers' ``group_by_length`` gives a hand-written loop too)."""
     import torch
 
+    from trainables.common import length_grouped_batches
     from trainables.lora import _batch, attach_lora, training_examples
     from trainables.models import load_model
 
@@ -47,12 +49,11 @@ def bare_tokens_per_s(cfg, epochs: int) -> float:
     rng = random.Random(cfg.seed)
     tokens, seconds = 0, 0.0
     for _ in range(epochs):
-        order = list(range(len(examples)))
-        rng.shuffle(order)
+        batches = length_grouped_batches([len(ids) for ids, _ in examples], cfg.batch_size, rng)
         t0 = time.perf_counter()
-        for i in range(0, len(order), cfg.batch_size):
-            ids, mask, labels = _batch([examples[j] for j in order[i : i + cfg.batch_size]], tok.pad_token_id)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        for batch in batches:
+            ids, mask, labels = _batch([examples[j] for j in batch], tok.pad_token_id)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
