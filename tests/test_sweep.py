@@ -206,6 +206,10 @@ def test_multi_objective_sweep_prints_a_pareto_front(tmp_path, small_testbed):
     parent, kids = children_of(mlflow_runs(home, "lora"), "mo")
     assert len(kids) == 3 and all("efficacy" in k["metrics"] for k in kids)
     assert [p for p in (home / "artifacts").rglob("pareto.json") if parent["id"] in p.parts]
+    # the searcher reads final results only: no trial evaluates before its last epoch
+    results = [[json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+               for p in (home / "ray_results" / "mo").glob("trial_*/result.json")]
+    assert len(results) == 3 and all(len(rs) == 1 and rs[0]["final"] for rs in results), results
 
 
 def test_every_reader_picks_the_same_best_trial_on_a_tie():
