@@ -171,7 +171,11 @@ class MlflowTracker(Callback):
         from mlflow.entities import Metric
 
         run_id = self.run_id(trial)
-        step = int(result.get("training_iteration", 0))
+        # Per-epoch series are indexed by epoch: trials report only at ASHA's rungs and their
+        # last epoch, so the report count is not the epoch (a diverged report's epoch is a
+        # fraction; it keeps the report count).
+        epoch = result.get("epoch")
+        step = epoch if isinstance(epoch, int) else int(result.get("training_iteration", 0))
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in _numeric(result).items()
                    if k not in ("time_this_iter_s", "timestamp", "pid", "done", "time_since_restore",
