@@ -316,11 +316,6 @@ class BasePass:
             finally:
                 self._adapters(True)
 
-    def close(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
 
 def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -384,7 +379,7 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
     t_start = time.time()  # also reported as `started_at`: tests check which trials overlapped
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model(cfg.model, device=device)
-    cfg.layer_range(num_layers(model))  # fail fast on a bad range
+    layer_start, _ = cfg.layer_range(num_layers(model))  # fail fast on a bad range
     model = attach_lora(model, cfg)
     n_trainable = trainable_parameters(model)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -422,7 +417,7 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
     def run_eval(quick: bool) -> tuple[dict, list]:
         return evaluate(model, tokenizer, migrations, locality, base_loc, quick=quick)
 
-    base_pass = BasePass(model, cfg.layer_range(num_layers(model))[0]) if cfg.kl_weight else None
+    base_pass = BasePass(model, layer_start) if cfg.kl_weight else None
     anchor_pool = []
     if cfg.anchors and cfg.kl_weight:
         from trainables.anchors import anchor_ids
