@@ -314,3 +314,125 @@ def test_anchors_keep_unrelated_code_closer_to_the_base(small_testbed, tmp_path)
         with torch.no_grad():
             drift[anchors] = prompt_kl(model, ids, mask, labels, model(input_ids=ids, attention_mask=mask).logits).item()
     assert drift[4] < 0.7 * drift[0], drift
+
+
+@pytest.mark.parametrize("start,kl", [(2, True), (0, True), (3, False)])
+def test_frozen_states_give_the_ordinary_forward_and_base_logits(small_testbed, start, kl):
+    """Starting the adapted forward at layer k from the stored base input to it, and taking
+    the KL's base logits from the stored final state, equals running the whole model (adapters
+    on, then off), anchor rows computed live included."""
+    from trainables.anchors import anchor_ids
+    from trainables.frozen import FrozenStates
+    from trainables.lora import _batch, anchor_rows, training_examples
+
+    torch.manual_seed(0)
+    model, tok = load_model("testbed")
+    model = _moved(attach_lora(model, _cfg(hierarchical=start > 0, layer_start=start)))
+    model.eval()  # no LoRA dropout: the two forwards must see the same function
+    frozen = FrozenStates.make(model, start, kl)
+    examples = training_examples(tok, None)
+    frozen.prepare(examples, tok.pad_token_id)
+    idx = [3, 0, 7]
+    rows = [examples[i] for i in idx]
+    width = max(len(ids) for ids, _ in rows)
+    rows += anchor_rows(anchor_ids(tok, 128), 2, 0, width)
+    ids, mask, labels = _batch(rows, tok.pad_token_id)
+    hk, final = frozen.batch(idx, width, frozen.base_states(ids[3:], mask[3:]))
+    got = frozen.forward(model, ids, mask, labels, hk)
+    want = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+    real = mask.bool()
+    assert torch.allclose(got.logits[real], want.logits[real], atol=1e-4)
+    assert got.loss.item() == pytest.approx(want.loss.item(), abs=1e-5)
+    got.loss.backward()  # gradients reach the adapters through the shortened stack
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    assert (hk is None) == (start == 0) and (final is None) == (not kl)
+    if kl:
+        with torch.no_grad(), model.disable_adapter():
+            base = model(input_ids=ids, attention_mask=mask).logits
+        assert torch.allclose(frozen.base_logits(final)[real], base[real], atol=1e-4)
+        assert (want.logits[real] - base[real]).abs().max() > 1e-3  # the adapters matter here
+    assert len(list(model.get_base_model().get_decoder().layers)) == model.config.num_hidden_layers  # restored
+
+
+def test_frozen_states_are_shared_through_the_cache_and_change_nothing(small_testbed, tmp_path):
+    """Trials with a cache folder write each example set's states once (every layer's input
+    and the final state) and read them after; a run that reads them trains exactly like one
+    that computed them, and like one without a folder."""
+    cache = tmp_path / "frozen"
+    n_layers = load_model("testbed")[0].config.num_hidden_layers
+    cfg = _cfg(hierarchical=True, layer_start=2, layer_end=4, epochs=2, augment=1, kl_weight=0.5, anchors=2)
+    runs, stamps = [], []
+    for folder in (cache, cache, None):
+        history: list[dict] = []
+        runs.append(train_loop(cfg, local_reporter(history), frozen_cache=str(folder) if folder else None))
+        if folder:
+            files = sorted(cache.iterdir())
+            stamps.append({p.name: p.stat().st_mtime_ns for p in files})
+            assert len(files) == 2 * n_layers  # 2 sets (augment: one per epoch) x (L - 1 inputs + final)
+            assert {p.name.split("-")[0] for p in files} == {f"h{i}" for i in range(1, n_layers)} | {"final"}
+    assert stamps[0] == stamps[1]  # the second run read, it did not write
+    first, warm, memory = runs
+    for key in ("train_loss", "efficacy", "generalization", "locality", "soft_generalization"):
+        assert first[key] == warm[key] == memory[key], key
+    # another layer range finds its states already there
+    train_loop(_cfg(hierarchical=True, layer_start=3, layer_end=4, epochs=1, augment=1, kl_weight=0.5),
+               local_reporter([]), frozen_cache=str(cache))
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamps[0]
+
+
+def test_frozen_states_stay_off_where_they_do_not_apply(small_testbed):
+    from trainables.frozen import FrozenStates
+
+    model, _ = load_model("testbed")
+    model = attach_lora(model, _cfg())
+    assert FrozenStates.make(model, 0, False) is None  # standard LoRA without KL: nothing frozen to reuse
+    model.get_base_model().config.attention_dropout = 0.1
+    assert FrozenStates.make(model, 0, True) is None  # a stochastic base forward cannot be stored
+
+
+def test_score_lines_proves_exactly_the_lines_greedy_decoding_writes(small_testbed, fixture_data):
+    """A verified (prompt, line) is one that decoding the prompt writes: most decoded
+    completions are verified (not those decoded through another tokenization of the same
+    text: the proof follows the canonical tokens), and the same line with one more character,
+    or cut short, never is."""
+    from trainables.evaluation import generate, score_lines
+
+    torch.manual_seed(0)
+    model, tok = load_model("testbed")
+    model = _moved(attach_lora(model, _cfg()), 0.2).merge_and_unload().eval()
+    migrations, locality = fixture_data
+    prompts = [c.prompt for m in migrations for c in m.train_contexts + m.probe_contexts] + [s.prompt for s in locality]
+    decoded = generate(model, tok, prompts)
+    roundtrip = [tok.decode(tok(d, add_special_tokens=False)["input_ids"]) == d for d in decoded]
+    verdicts = score_lines(model, tok, list(zip(prompts, decoded)), batch_size=7)
+    verified = [v for _, v in verdicts]
+    assert sum(verified) > 0.8 * len(prompts)
+    assert all(r for v, r in zip(verified, roundtrip) if v)
+    longer = score_lines(model, tok, [(p, d + "x") for p, d in zip(prompts, decoded)])
+    shorter = score_lines(model, tok, [(p, d[:-1]) for p, d in zip(prompts, decoded) if d])
+    assert not any(v for _, v in longer) and not any(v for _, v in shorter)
+
+
+def test_evaluation_decodes_only_what_it_cannot_prove_and_scores_the_same(small_testbed, fixture_data, monkeypatch):
+    """The metrics and predictions with the teacher-forced proofs equal those of decoding
+    every prompt, for a base model and an adapted one, quick and full."""
+    from trainables import evaluation
+
+    torch.manual_seed(0)
+    migrations, locality = fixture_data
+    base_model, tok = load_model("testbed")
+    base_loc = evaluation.generate(base_model, tok, [s.prompt for s in locality])
+    model, _ = load_model("testbed")
+    adapted = _moved(attach_lora(model, _cfg()), 0.1).eval()
+    got = {(name, quick): evaluation.evaluate(m, tok, migrations, locality, base_loc, quick=quick)
+           for name, m in (("base", base_model), ("adapted", adapted)) for quick in (False, True)}
+    assert got["base", False][0]["locality"] == 1.0 and got["base", False][0]["decoded"] < 1.0
+    monkeypatch.setattr(evaluation, "_trunk", lambda model: None)  # no proofs: decode everything
+    for (name, quick), (metrics, preds) in got.items():
+        m = base_model if name == "base" else adapted
+        want, want_preds = evaluation.evaluate(m, tok, migrations, locality, base_loc, quick=quick)
+        assert want["decoded"] == 1.0
+        assert preds == want_preds, (name, quick)
+        for key, value in want.items():
+            if key != "decoded":
+                assert metrics[key] == pytest.approx(value, abs=1e-6), (name, quick, key)

@@ -221,31 +221,28 @@ def supervised_warmup(model, tokenizer, dataset: str | None, epochs: int, lr: fl
     return means
 
 
-def prompt_kl(model, ids, mask, labels, logits, base: "BasePass | None" = None):
+def prompt_kl(model, ids, mask, labels, logits, base: "BasePass | None" = None, base_logits=None):
     """Mean KL(base || adapted) of the next-token distributions at the positions that predict a
     prompt token (labels -100, not padding); the base is the same PEFT model with its adapters
     disabled, so no second copy of the weights is held. ``base``: a :class:`BasePass` on
     ``model`` that reuses the adapted forward's frozen lower layers (and skips PEFT's
-    whole-model adapter toggle); without one, one full forward under ``disable_adapter``."""
+    whole-model adapter toggle); without one, one full forward under ``disable_adapter``.
+    ``base_logits``: the base model's logits, already computed (``trainables.frozen``)."""
     import torch
 
-    with torch.no_grad():
-        if base is not None:
-            base_logits = base.logits(ids, mask)
-        else:
-            with model.disable_adapter():
-                base_logits = model(input_ids=ids, attention_mask=mask).logits
+    if base_logits is None:
+        with torch.no_grad():
+            if base is not None:
+                base_logits = base.logits(ids, mask)
+            else:
+                with model.disable_adapter():
+                    base_logits = model(input_ids=ids, attention_mask=mask).logits
     base_logits = base_logits[:, :-1].float()
     where = ((labels[:, 1:] == -100) & (mask[:, 1:] == 1)).float()
     logp = torch.log_softmax(logits[:, :-1].float(), -1)
     logq = torch.log_softmax(base_logits, -1)
     kl = (logq.exp() * (logq - logp)).sum(-1)
     return (kl * where).sum() / where.sum().clamp(min=1.0)
-
-
-# Decoder stacks whose forward is: embed -> layers (each called with the same keyword
-# arguments) -> `norm` -> `lm_head`, with nothing after the head (no logit soft-capping).
-_SHARED_TRUNK_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
 
 class BasePass:
@@ -259,13 +256,13 @@ class BasePass:
     (PEFT's ``disable_adapter`` walks the whole model: ~7 ms a call on the testbed).
 
     Falls back to one full forward (adapters off) for architectures outside
-    ``_SHARED_TRUNK_TYPES``, for ``layer_start`` 0, and whenever the kept state does not belong
+    ``models.SHARED_TRUNK_TYPES``, for ``layer_start`` 0, and whenever the kept state does not belong
     to the batch asked for (a different shape)."""
 
     def __init__(self, model, layer_start: int):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        from trainables.models import arch_facts
+        from trainables.models import SHARED_TRUNK_TYPES, arch_facts
 
         self.model = model
         self.tuner_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
@@ -273,7 +270,7 @@ class BasePass:
         self.layers = self.decoder = self.head = None
         self._kept: tuple | None = None
         self._hook = None
-        if layer_start > 0 and inner.config.model_type in _SHARED_TRUNK_TYPES:
+        if layer_start > 0 and inner.config.model_type in SHARED_TRUNK_TYPES:
             self.layers = inner.get_submodule(arch_facts(inner.config).layers)
             self.decoder = inner.get_submodule(arch_facts(inner.config).layers.rsplit(".", 1)[0])
             self.head = inner.get_output_embeddings()
@@ -358,7 +355,7 @@ def _load(path: Path, model, opt, sched, rng: random.Random, guard: DivergenceGu
 
 
 def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adapter_out: str | None = None,
-               eval_epochs: list[int] | None = None) -> dict:
+               eval_epochs: list[int] | None = None, frozen_cache: str | None = None) -> dict:
     """Train, evaluate and report (with a checkpoint) each epoch; returns the final metrics.
 
     ``eval_data``: (migrations, locality, base_locality) to score with; loaded from data/ when None.
@@ -366,6 +363,8 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
     every epoch. The sweep engine passes ASHA's rungs: a report elsewhere decides nothing and its
     evaluation cost as much as a third of a testbed epoch. A resumed trial restarts from the
     last report.
+    ``frozen_cache``: a folder for the frozen base model's states on the example sets, shared
+    by the trials of a sweep (``trainables.frozen``); None keeps them in memory.
     """
     import torch
     from transformers import get_scheduler
@@ -417,7 +416,13 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
     def run_eval(quick: bool) -> tuple[dict, list]:
         return evaluate(model, tokenizer, migrations, locality, base_loc, quick=quick)
 
-    base_pass = BasePass(model, layer_start) if cfg.kl_weight else None
+    from trainables.frozen import FrozenStates
+    from trainables.models import resolve
+
+    frozen = FrozenStates.make(model, layer_start, bool(cfg.kl_weight), frozen_cache, resolve(cfg.model))
+    if frozen is not None and not frozen.fits(examples, model.config.hidden_size, (layer_start > 0) + bool(cfg.kl_weight)):
+        frozen = None
+    base_pass = BasePass(model, layer_start) if cfg.kl_weight and frozen is None else None
     anchor_pool = []
     if cfg.anchors and cfg.kl_weight:
         from trainables.anchors import anchor_ids
@@ -432,23 +437,35 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
             model.train()
             if cfg.augment and epoch:
                 examples = epoch_examples(epoch)
+            t_epoch = time.perf_counter()
+            if frozen is not None:
+                frozen.prepare(examples, tokenizer.pad_token_id)
             batches = length_grouped_batches([len(ids) for ids, _ in examples], cfg.batch_size, rng)
             losses = []
-            t_epoch = time.perf_counter()
             for b0 in range(0, len(batches), cfg.grad_accum):
                 group = batches[b0 : b0 + cfg.grad_accum]
                 opt.zero_grad(set_to_none=True)
                 loss_sum = 0.0
                 for micro, idx in enumerate(group):
                     rows = [examples[i] for i in idx]
+                    width = max(len(ids) for ids, _ in rows)
                     if anchor_pool:
-                        rows += anchor_rows(anchor_pool, cfg.anchors, (step * cfg.grad_accum + micro) * world + rank,
-                                            max(len(ids) for ids, _ in rows))
+                        rows += anchor_rows(anchor_pool, cfg.anchors, (step * cfg.grad_accum + micro) * world + rank, width)
                     ids, mask, labels = (t.to(device) for t in _batch(rows, tokenizer.pad_token_id))
-                    out = train_model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+                    base_logits = None
+                    if frozen is not None:
+                        n = len(idx)
+                        extra = frozen.base_states(ids[n:], mask[n:]) if len(rows) > n else None
+                        hk, final = frozen.batch(idx, width, extra)
+                        out = frozen.forward(train_model, ids, mask, labels, hk)
+                        if final is not None:
+                            base_logits = frozen.base_logits(final)
+                    else:
+                        out = train_model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
                     loss = out.loss
                     if cfg.kl_weight:
-                        loss = loss + cfg.kl_weight * prompt_kl(model, ids, mask, labels, out.logits, base_pass)
+                        loss = loss + cfg.kl_weight * prompt_kl(model, ids, mask, labels, out.logits, base_pass,
+                                                                base_logits)
                     loss = loss / len(group)
                     loss.backward()
                     loss_sum += loss.item()
@@ -504,7 +521,8 @@ def trainable(config: dict) -> None:
     """Ray Tune function trainable for `lora` and `hier_lora`."""
     cfg = config_from_dict(LoraTrainConfig, config)
     if cfg.workers <= 1:
-        train_loop(cfg, tune_reporter(), eval_epochs=config.get("_eval_epochs"))
+        train_loop(cfg, tune_reporter(), eval_epochs=config.get("_eval_epochs"),
+                   frozen_cache=config.get("_frozen_cache"))
         return
     from trainables.distributed import run_ddp_trial
 

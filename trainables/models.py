@@ -44,6 +44,12 @@ ARCH_FACTS: dict[str, ArchFacts] = {
 }
 
 
+# Decoder stacks whose logits are exactly ``lm_head(norm(layers(embed(ids))))`` with the layers
+# called alike and nothing after the head (no logit soft-capping): code may run part of the stack
+# (lora.BasePass) or the head on chosen positions only (evaluation.score_lines).
+SHARED_TRUNK_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
 def arch_facts(config) -> ArchFacts:
     try:
         return ARCH_FACTS[config.model_type]

@@ -1,0 +1,251 @@
+"""The frozen base model's activations on the training examples, computed once and shared.
+
+Hierarchical LoRA leaves layers ``[0, k)`` frozen (``k = layer_start``), and the KL regulariser
+compares against the base model with every adapter off. Both are functions of the example
+alone, and every trial of a sweep trains on the same example sets (one set per seed, epoch and
+``augment``, ``lora.training_examples``). So for each example the base model's input to layer
+``k`` (``h_k``) and its final hidden state (after the norm, ``final``) are computed once, in a
+fixed order and fixed chunks (deterministic: a trial gets the same numbers whether the states
+came from disk or were just computed), and:
+
+- the adapted forward starts at layer ``k`` from ``h_k`` instead of running layers ``[0, k)``;
+- the KL's base logits are ``lm_head(final)`` instead of a second pass through ``[k, L)``.
+
+On the testbed's default hier-LoRA range (layers 4-5 of 8, KL on) that is 8 of the ~19
+layer-passes a training step makes. Anchor rows (a different one every step) still run the
+base model live, on their few rows only.
+
+With a ``cache_dir`` (the sweep engine gives one per sweep) the states are files keyed by the
+model, ``k`` and the examples' token ids: the first trial to need a set writes it, the others
+read it. Without one they live in memory for the trial (``--config`` re-runs, benchmarks).
+
+Only for plain decoder stacks (``models.SHARED_TRUNK_TYPES``) without dropout in the base
+model, single-process (no DDP), and sets whose states fit ``MAX_BYTES``; ``FrozenStates.make``
+returns None otherwise and the caller keeps the ordinary forward.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+CHUNK = 64  # examples per canonical forward: fixed, so the states do not depend on who made them
+MAX_BYTES = 1 << 30  # states of one example set above this: keep the ordinary forward
+
+
+@contextmanager
+def stack(decoder, layers, norm=None):
+    """Run ``decoder`` with only ``layers`` (a slice of its own) and, if given, ``norm``."""
+    import torch
+
+    old_layers, old_norm = decoder.layers, decoder.norm
+    decoder.layers = torch.nn.ModuleList(layers)
+    if norm is not None:
+        decoder.norm = norm
+    try:
+        yield
+    finally:
+        decoder.layers, decoder.norm = old_layers, old_norm
+
+
+def _fingerprint(model, name: str | None) -> str:
+    """Identifies the frozen weights: the model's name or path, its config and, for a local
+    folder, its weight files' sizes and modification times."""
+    parts = [str(name), model.config.to_json_string(use_diff=False)]
+    if name and Path(name).is_dir():
+        parts += [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(Path(name).iterdir())
+                  if p.suffix in (".safetensors", ".bin", ".pt")]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _save_atomic(obj, path: Path) -> None:
+    """Write to a temporary file and rename: a concurrent trial reads the whole file or none."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class FrozenStates:
+    """``h_k`` (when ``k > 0``) and ``final`` (when ``want_final``) per example of the current set."""
+
+    def __init__(self, peft_model, k: int, want_final: bool, cache_dir: str | None, fingerprint: str):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.model = peft_model
+        inner = peft_model.get_base_model()
+        self.decoder = inner.get_decoder()
+        self.layers = list(self.decoder.layers)
+        self.head = inner.get_output_embeddings()
+        self.hidden_size = inner.config.hidden_size
+        self.k, self.want_final = k, want_final
+        self.tuner_layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.fingerprint = fingerprint
+        self.hk = self.final = None  # lists of [len_i, H] tensors, one per example
+        self.key = None
+
+    @classmethod
+    def make(cls, peft_model, k: int, want_final: bool, cache_dir: str | None = None, model_name: str | None = None):
+        """A ``FrozenStates`` when it applies (see the module docstring), else None."""
+        import torch
+
+        from trainables.models import SHARED_TRUNK_TYPES
+
+        inner = peft_model.get_base_model()
+        cfg = inner.config
+        if (k == 0 and not want_final) or cfg.model_type not in SHARED_TRUNK_TYPES:
+            return None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return None
+        if any(float(getattr(cfg, a, 0.0) or 0.0) > 0 for a in ("attention_dropout", "hidden_dropout", "dropout")):
+            return None
+        return cls(peft_model, k, want_final, cache_dir, _fingerprint(inner, model_name))
+
+    # ------------------------------------------------------------------ the base model, live
+    @contextmanager
+    def _adapters_off(self):
+        for layer in self.tuner_layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in self.tuner_layers:
+                layer.enable_adapters(True)
+
+    def base_states(self, ids, mask):
+        """(h_k or None, final or None) of the base model (adapters off, no grad) on a batch."""
+        import torch
+
+        hk = final = None
+        with torch.no_grad(), self._adapters_off():
+            if self.k > 0:
+                with stack(self.decoder, self.layers[: self.k], torch.nn.Identity()):
+                    hk = self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            if self.want_final:
+                with stack(self.decoder, self.layers[self.k :]):
+                    if hk is None:
+                        final = self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                    else:
+                        final = self.decoder(inputs_embeds=hk, attention_mask=mask, use_cache=False).last_hidden_state
+        return hk, final
+
+    # ------------------------------------------------------------------ one example set
+    def _path(self, part: str, examples) -> Path | None:
+        """The file of one part: ``h{i}`` (the base input to layer i) or ``final``."""
+        if self.cache_dir is None:
+            return None
+        key = hashlib.sha256(json.dumps([self.fingerprint, part, CHUNK, [ids for ids, _ in examples]]).encode())
+        return self.cache_dir / f"{part}-{key.hexdigest()[:24]}.pt"
+
+    def prepare(self, examples: list[tuple[list[int], int]], pad_id: int) -> None:
+        """Load or compute the states of ``examples`` (this epoch's set), indexed like it.
+
+        A set computed for the cache is computed whole, every layer's input and the final
+        state in one pass (when that fits ``MAX_BYTES``): trials with another ``layer_start``
+        then find theirs too."""
+        import torch
+
+        key = (len(examples), hash(tuple(tuple(ids) for ids, _ in examples)))
+        if key == self.key:
+            return
+        mine = ([f"h{self.k}"] if self.k > 0 else []) + (["final"] if self.want_final else [])
+        got: dict[str, list] = {}
+        for part in mine:
+            path = self._path(part, examples)
+            if path is not None and path.is_file():
+                try:
+                    got[part] = torch.load(path, weights_only=True)
+                except Exception as e:  # noqa: BLE001 - a torn or foreign file: compute afresh
+                    print(f"frozen states {path.name} unreadable ({type(e).__name__}); recomputing", flush=True)
+        if any(part not in got for part in mine):
+            n_layers = len(self.layers)
+            whole = self.cache_dir is not None and self.fits(examples, self.hidden_size, n_layers)
+            parts = [f"h{i}" for i in range(1, n_layers)] + ["final"] if whole else mine
+            made = self._compute(examples, pad_id, parts)
+            for part, states in made.items():
+                path = self._path(part, examples)
+                if path is not None and not path.is_file():
+                    _save_atomic(states, path)
+            got.update({part: made[part] for part in mine if part not in got})
+        self.hk, self.final, self.key = got.get(f"h{self.k}"), got.get("final"), key
+
+    def _compute(self, examples, pad_id: int, parts: list[str]) -> dict[str, list]:
+        """``parts`` of the states of ``examples``: one base forward (adapters off) per fixed
+        chunk of examples (right padding), each layer's input kept by a forward pre-hook."""
+        import torch
+
+        device = next(self.model.parameters()).device
+        out: dict[str, list] = {part: [] for part in parts}
+        kept: dict[str, object] = {}
+
+        def keeper(part):
+            def keep(module, args, kwargs):
+                kept[part] = args[0] if args else kwargs["hidden_states"]
+            return keep
+
+        hooks = [self.layers[int(part[1:])].register_forward_pre_hook(keeper(part), with_kwargs=True)
+                 for part in parts if part != "final"]
+        try:
+            with torch.no_grad(), self._adapters_off():
+                for s in range(0, len(examples), CHUNK):
+                    chunk = [ids for ids, _ in examples[s : s + CHUNK]]
+                    width = max(len(c) for c in chunk)
+                    ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                    for row, c in enumerate(chunk):
+                        ids[row, : len(c)] = torch.tensor(c)
+                        mask[row, : len(c)] = 1
+                    kept.clear()
+                    kept["final"] = self.decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                                 use_cache=False).last_hidden_state
+                    for part in parts:
+                        out[part] += [kept[part][row, : len(c)].clone() for row, c in enumerate(chunk)]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return out
+
+    @staticmethod
+    def fits(examples, hidden_size: int, want: int) -> bool:
+        return sum(len(ids) for ids, _ in examples) * hidden_size * 4 * want <= MAX_BYTES
+
+    def batch(self, idx: list[int], width: int, extra=None):
+        """(h_k, final) for examples ``idx`` padded with zeros to ``width`` (padding is never
+        attended to or scored), with ``extra`` = (h_k, final) of further rows appended."""
+        import torch
+
+        def pad(rows, more):
+            if rows is None:
+                return None
+            out = torch.zeros((len(idx), width, rows[0].shape[-1]), dtype=rows[0].dtype, device=rows[0].device)
+            for r, i in enumerate(idx):
+                out[r, : rows[i].shape[0]] = rows[i]
+            return out if more is None else torch.cat([out, more], 0)
+
+        ehk, efin = extra if extra is not None else (None, None)
+        return pad(self.hk, ehk), pad(self.final, efin)
+
+    # ------------------------------------------------------------------ the adapted forward
+    def forward(self, train_model, ids, mask, labels, hk):
+        """The adapted model's output on a batch, starting at layer ``k`` from ``h_k``."""
+        if self.k == 0:
+            return train_model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+        with stack(self.decoder, self.layers[self.k :]):
+            return train_model(inputs_embeds=hk, attention_mask=mask, labels=labels, use_cache=False)
+
+    def base_logits(self, final):
+        import torch
+
+        with torch.no_grad():
+            return self.head(final)
