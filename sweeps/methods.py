@@ -20,6 +20,10 @@ class Method:
     fixed: dict = field(default_factory=dict)  # constants for every trial of this method
     summary: str = ""
     prepare: str = ""  # "module:function" called in the driver with --model before Ray starts (e.g. to build it)
+    # ASHA also stops trials that have not improved on the untrained model's `progress` (a quick
+    # evaluation of data/) by the first rung (sweeps/schedulers.py): for methods whose reports
+    # are that evaluation's `progress`
+    stall_rule: bool = False
 
     def prepare_model(self, model: str) -> None:
         if self.prepare:
@@ -47,12 +51,12 @@ METHODS: dict[str, Method] = {
     "lora": Method(
         "lora", "trainables.lora:LoraTrainConfig", "trainables.lora:trainable", "trainables.lora:run_once",
         "search_spaces.lora:space", {"hierarchical": False},
-        "LoRA adapters on every layer.",
+        "LoRA adapters on every layer.", stall_rule=True,
     ),
     "hier_lora": Method(
         "hier_lora", "trainables.lora:LoraTrainConfig", "trainables.lora:trainable", "trainables.lora:run_once",
         "search_spaces.hier_lora:space", {"hierarchical": True},
-        "Hierarchical LoRA: adapters on a searched range of layers only.",
+        "Hierarchical LoRA: adapters on a searched range of layers only.", stall_rule=True,
     ),
     "dpo": Method(
         "dpo", "trainables.dpo:DpoTrainConfig", "trainables.dpo:trainable", "trainables.dpo:run_once",

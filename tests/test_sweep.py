@@ -237,3 +237,33 @@ def test_asha_rungs_are_where_ray_asha_compares_trials():
     for max_t in (1, 2, 3, 4, 8, 9, 10, 27, 30):
         want = sorted(m for m, _ in _Bracket(1, max_t, 3, 0)._rungs if m < max_t)
         assert asha_rungs(max_t, 1, 3) == want, max_t
+
+
+def test_stall_rule_stops_trials_that_did_not_beat_the_untrained_model_at_the_first_rung():
+    """The first trials to reach a rung pass plain ASHA whatever they scored (nothing recorded
+    yet); with the floor, one that has not improved on the base model stops there. Later
+    rungs and final results are ASHA's alone."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from sweeps.schedulers import StallASHA
+
+    def run(floor, reports):
+        sched = StallASHA(floor=floor, time_attr="epoch", metric="progress", mode="max", max_t=4,
+                          grace_period=1, reduction_factor=3)
+        actions = []
+        for tid, epoch, progress, final in reports:
+            trial = SimpleNamespace(trial_id=tid)
+            if epoch == 1:
+                sched.on_trial_add(None, trial)
+            actions.append(sched.on_trial_result(None, trial, {"epoch": epoch, "progress": progress, "final": final}))
+        return actions
+
+    reports = [("a", 1, 0.0004, False), ("b", 1, 0.0006, False), ("c", 1, 0.3, False),
+               ("c", 3, 0.0005, False), ("d", 1, 0.0, True)]
+    C, S = TrialScheduler.CONTINUE, TrialScheduler.STOP
+    plain, floored = run(None, reports), run(0.001, reports)
+    assert plain[:3] == [C, C, C]  # plain ASHA: the first ones pass on noise
+    assert floored[:3] == [S, S, C]  # a, b: no better than the base model
+    assert floored[3:] == plain[3:]  # c at rung 3, d's final result: ASHA's decisions
