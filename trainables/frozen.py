@@ -165,7 +165,8 @@ class FrozenStates:
             path = self._path(part, examples)
             if path is not None and path.is_file():
                 try:
-                    got[part] = torch.load(path, weights_only=True)
+                    device = next(self.model.parameters()).device
+                    got[part] = [t.to(device) for t in torch.load(path, map_location="cpu", weights_only=True)]
                 except Exception as e:  # noqa: BLE001 - a torn or foreign file: compute afresh
                     print(f"frozen states {path.name} unreadable ({type(e).__name__}); recomputing", flush=True)
         if any(part not in got for part in mine):
@@ -176,7 +177,7 @@ class FrozenStates:
             for part, states in made.items():
                 path = self._path(part, examples)
                 if path is not None and not path.is_file():
-                    _save_atomic(states, path)
+                    _save_atomic([t.cpu() for t in states], path)  # any GPU of any node can read them
             got.update({part: made[part] for part in mine if part not in got})
         self.hk, self.final, self.key = got.get(f"h{self.k}"), got.get("final"), key
 
