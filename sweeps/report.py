@@ -16,11 +16,20 @@ SHOW = ["objective", "edit_efficacy", "edit_generalization", "edit_neighborhood"
 
 
 def rank(metrics: dict, trial_id) -> tuple:
-    """How the best trial is chosen everywhere (the summary, the parent run, export_best): the
-    objective, then fewer trainable parameters, then locality; the trial id settles exact ties
-    (an editing objective is a count over 136 paraphrases: ties are common), so that every
-    reader picks the same trial."""
-    return (metrics["objective"], -(metrics.get("trainable_params") or 0), metrics.get("locality") or 0.0,
+    """How the best trial is chosen everywhere (the summary, the parent run, export_best):
+    trials that keep locality at the floor first, then the objective, then fewer trainable
+    parameters, then locality; the trial id settles exact ties (an editing objective is a count
+    over 136 paraphrases: ties are common), so that every reader picks the same trial.
+
+    The objective is generalization *subject to* locality. TPE needs one scalar, so it sees the
+    relaxation (4 points of generalization per point of locality below the floor); the choice
+    of the best trial applies the constraint itself. Otherwise a trial 0.007 below the floor with
+    0.05 more generalization wins (seed 1 of the headline sweep: 0.868 at locality 0.943 over
+    0.816 at 0.957)."""
+    from trainables.evaluation import LOCALITY_FLOOR
+
+    locality = metrics.get("locality") or 0.0
+    return (locality >= LOCALITY_FLOOR, metrics["objective"], -(metrics.get("trainable_params") or 0), locality,
             str(trial_id))
 
 

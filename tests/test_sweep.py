@@ -227,6 +227,11 @@ def test_every_reader_picks_the_same_best_trial_on_a_tie():
               ("e", {"objective": 0.99, "trainable_params": 100, "locality": 0.98})]
     picks = {max(order, key=lambda t: rank(t[1], t[0]))[0] for order in itertools.permutations(trials)}
     assert picks == {"e"}
+    # generalization subject to locality: a higher objective below the floor does not win
+    below = ("f", {"objective": 0.995, "trainable_params": 10, "locality": 0.94})
+    assert max(trials + [below], key=lambda t: rank(t[1], t[0]))[0] == "e"
+    assert max([below, ("g", {"objective": -0.5, "trainable_params": 10, "locality": 0.5})],
+               key=lambda t: rank(t[1], t[0]))[0] == "f"  # none at the floor: the objective decides
 
 
 def test_asha_rungs_are_where_ray_asha_compares_trials():
