@@ -295,10 +295,10 @@ def evaluate(model, tokenizer, migrations, locality, base_locality: list[str] | 
     expected: list[str | None] = [c.new if c is not None else None for _, _, c in items]
     if base_locality is not None:
         expected[len(expected) - len(locality):] = base_locality
-    probes = [c for kind, _, c in items if kind == "probe"]
+    probe_idx = [i for i, (kind, _, _) in enumerate(items) if kind == "probe"]
     checks = [i for i, e in enumerate(expected) if e is not None]
     scores = score_lines(model, tokenizer, [(prompts[i], expected[i]) for i in checks]
-                         + [(c.prompt, c.old) for c in probes], batch_size, max_new_tokens)
+                         + [(prompts[i], items[i][2].old) for i in probe_idx], batch_size, max_new_tokens)
     completions: list[str | None] = [None] * len(items)
     new_lp = {}
     for i, (lp, verified) in zip(checks, scores):
@@ -340,7 +340,6 @@ def evaluate(model, tokenizer, migrations, locality, base_locality: list[str] | 
         "n_locality": len(locality),
         "decoded": len(todo) / max(1, len(items)),
     }
-    probe_idx = [i for i, (kind, _, _) in enumerate(items) if kind == "probe"]
     metrics["soft_generalization"] = _soft([new_lp[i] for i in probe_idx], [lp for lp, _ in scores[len(checks):]])
     metrics["objective"] = objective(metrics)
     metrics["progress"] = progress(metrics)
@@ -414,7 +413,7 @@ def base_locality(model_name: str, locality, load=None) -> list[str]:
 
 def base_progress(model_name: str) -> float:
     """``progress`` of the untrained model on a quick evaluation of data/ (the reference a
-    trial must beat at the first rung: ``sweeps.engine.StallASHA``), cached on disk per model +
+    trial must beat at the first rung: ``sweeps.schedulers.StallASHA``), cached on disk per model +
     data."""
     from trainables.data import load_locality, load_migrations
     from trainables.models import load_model, resolve

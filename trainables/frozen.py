@@ -51,6 +51,26 @@ def stack(decoder, layers, norm=None):
         decoder.layers, decoder.norm = old_layers, old_norm
 
 
+def adapter_layers(peft_model) -> list:
+    """The PEFT tuner layers of ``peft_model`` (what :func:`adapters_off` switches)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextmanager
+def adapters_off(layers):
+    """Adapters off on these tuner layers only (PEFT's ``disable_adapter`` walks the whole
+    model: ~7 ms a call on the testbed)."""
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
 def _fingerprint(model, name: str | None) -> str:
     """Identifies the frozen weights: the model's name or path, its config and, for a local
     folder, its weight files' sizes and modification times."""
@@ -76,12 +96,15 @@ def _save_atomic(obj, path: Path) -> None:
             os.unlink(tmp)
 
 
+def _fits(examples, hidden_size: int, parts: int) -> bool:
+    """Do ``parts`` float32 states of every token of ``examples`` fit ``MAX_BYTES``?"""
+    return sum(len(ids) for ids, _ in examples) * hidden_size * 4 * parts <= MAX_BYTES
+
+
 class FrozenStates:
     """``h_k`` (when ``k > 0``) and ``final`` (when ``want_final``) per example of the current set."""
 
     def __init__(self, peft_model, k: int, want_final: bool, cache_dir: str | None, fingerprint: str):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
         self.model = peft_model
         inner = peft_model.get_base_model()
         self.decoder = inner.get_decoder()
@@ -89,15 +112,17 @@ class FrozenStates:
         self.head = inner.get_output_embeddings()
         self.hidden_size = inner.config.hidden_size
         self.k, self.want_final = k, want_final
-        self.tuner_layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
+        self.tuner_layers = adapter_layers(peft_model)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.fingerprint = fingerprint
         self.hk = self.final = None  # lists of [len_i, H] tensors, one per example
         self.key = None
 
     @classmethod
-    def make(cls, peft_model, k: int, want_final: bool, cache_dir: str | None = None, model_name: str | None = None):
-        """A ``FrozenStates`` when it applies (see the module docstring), else None."""
+    def make(cls, peft_model, k: int, want_final: bool, cache_dir: str | None = None, model_name: str | None = None,
+             examples=None):
+        """A ``FrozenStates`` when it applies (see the module docstring; ``examples``: a set
+        whose states must fit ``MAX_BYTES``), else None."""
         import torch
 
         from trainables.models import SHARED_TRUNK_TYPES
@@ -110,25 +135,17 @@ class FrozenStates:
             return None
         if any(float(getattr(cfg, a, 0.0) or 0.0) > 0 for a in ("attention_dropout", "hidden_dropout", "dropout")):
             return None
+        if examples is not None and not _fits(examples, cfg.hidden_size, (k > 0) + want_final):
+            return None
         return cls(peft_model, k, want_final, cache_dir, _fingerprint(inner, model_name))
 
     # ------------------------------------------------------------------ the base model, live
-    @contextmanager
-    def _adapters_off(self):
-        for layer in self.tuner_layers:
-            layer.enable_adapters(False)
-        try:
-            yield
-        finally:
-            for layer in self.tuner_layers:
-                layer.enable_adapters(True)
-
     def base_states(self, ids, mask):
         """(h_k or None, final or None) of the base model (adapters off, no grad) on a batch."""
         import torch
 
         hk = final = None
-        with torch.no_grad(), self._adapters_off():
+        with torch.no_grad(), adapters_off(self.tuner_layers):
             if self.k > 0:
                 with stack(self.decoder, self.layers[: self.k], torch.nn.Identity()):
                     hk = self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
@@ -141,12 +158,13 @@ class FrozenStates:
         return hk, final
 
     # ------------------------------------------------------------------ one example set
-    def _path(self, part: str, examples) -> Path | None:
-        """The file of one part: ``h{i}`` (the base input to layer i) or ``final``."""
+    def _paths(self, parts: list[str], examples) -> dict[str, Path | None]:
+        """The file of each part, ``h{i}`` (the base input to layer i) or ``final``, of this set."""
         if self.cache_dir is None:
-            return None
-        key = hashlib.sha256(json.dumps([self.fingerprint, part, CHUNK, [ids for ids, _ in examples]]).encode())
-        return self.cache_dir / f"{part}-{key.hexdigest()[:24]}.pt"
+            return dict.fromkeys(parts)
+        digest = hashlib.sha256(json.dumps([self.fingerprint, CHUNK, [ids for ids, _ in examples]]).encode()).hexdigest()
+        return {part: self.cache_dir / f"{part}-{hashlib.sha256(f'{part}:{digest}'.encode()).hexdigest()[:24]}.pt"
+                for part in parts}
 
     def prepare(self, examples: list[tuple[list[int], int]], pad_id: int) -> None:
         """Load or compute the states of ``examples`` (this epoch's set), indexed like it.
@@ -159,10 +177,12 @@ class FrozenStates:
         key = (len(examples), hash(tuple(tuple(ids) for ids, _ in examples)))
         if key == self.key:
             return
+        n_layers = len(self.layers)
         mine = ([f"h{self.k}"] if self.k > 0 else []) + (["final"] if self.want_final else [])
+        paths = self._paths([f"h{i}" for i in range(1, n_layers)] + ["final"], examples)
         got: dict[str, list] = {}
         for part in mine:
-            path = self._path(part, examples)
+            path = paths[part]
             if path is not None and path.is_file():
                 try:
                     device = next(self.model.parameters()).device
@@ -170,12 +190,10 @@ class FrozenStates:
                 except Exception as e:  # noqa: BLE001 - a torn or foreign file: compute afresh
                     print(f"frozen states {path.name} unreadable ({type(e).__name__}); recomputing", flush=True)
         if any(part not in got for part in mine):
-            n_layers = len(self.layers)
-            whole = self.cache_dir is not None and self.fits(examples, self.hidden_size, n_layers)
-            parts = [f"h{i}" for i in range(1, n_layers)] + ["final"] if whole else mine
-            made = self._compute(examples, pad_id, parts)
+            whole = self.cache_dir is not None and _fits(examples, self.hidden_size, n_layers)
+            made = self._compute(examples, pad_id, list(paths) if whole else mine)
             for part, states in made.items():
-                path = self._path(part, examples)
+                path = paths[part]
                 if path is not None and not path.is_file():
                     _save_atomic([t.cpu() for t in states], path)  # any GPU of any node can read them
             got.update({part: made[part] for part in mine if part not in got})
@@ -185,6 +203,8 @@ class FrozenStates:
         """``parts`` of the states of ``examples``: one base forward (adapters off) per fixed
         chunk of examples (right padding), each layer's input kept by a forward pre-hook."""
         import torch
+
+        from trainables.lora import _batch
 
         device = next(self.model.parameters()).device
         out: dict[str, list] = {part: [] for part in parts}
@@ -198,28 +218,19 @@ class FrozenStates:
         hooks = [self.layers[int(part[1:])].register_forward_pre_hook(keeper(part), with_kwargs=True)
                  for part in parts if part != "final"]
         try:
-            with torch.no_grad(), self._adapters_off():
+            with torch.no_grad(), adapters_off(self.tuner_layers):
                 for s in range(0, len(examples), CHUNK):
-                    chunk = [ids for ids, _ in examples[s : s + CHUNK]]
-                    width = max(len(c) for c in chunk)
-                    ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                    mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                    for row, c in enumerate(chunk):
-                        ids[row, : len(c)] = torch.tensor(c)
-                        mask[row, : len(c)] = 1
+                    chunk = examples[s : s + CHUNK]
+                    ids, mask, _ = _batch(chunk, pad_id)
                     kept.clear()
                     kept["final"] = self.decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
                                                  use_cache=False).last_hidden_state
                     for part in parts:
-                        out[part] += [kept[part][row, : len(c)].clone() for row, c in enumerate(chunk)]
+                        out[part] += [kept[part][row, : len(c)].clone() for row, (c, _) in enumerate(chunk)]
         finally:
             for hook in hooks:
                 hook.remove()
         return out
-
-    @staticmethod
-    def fits(examples, hidden_size: int, want: int) -> bool:
-        return sum(len(ids) for ids, _ in examples) * hidden_size * 4 * want <= MAX_BYTES
 
     def batch(self, idx: list[int], width: int, extra=None):
         """(h_k, final) for examples ``idx`` padded with zeros to ``width`` (padding is never

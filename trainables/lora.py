@@ -260,12 +260,11 @@ class BasePass:
     to the batch asked for (a different shape)."""
 
     def __init__(self, model, layer_start: int):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
+        from trainables.frozen import adapter_layers
         from trainables.models import SHARED_TRUNK_TYPES, arch_facts
 
         self.model = model
-        self.tuner_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        self.tuner_layers = adapter_layers(model)
         inner = model.get_base_model()
         self.layers = self.decoder = self.head = None
         self._kept: tuple | None = None
@@ -292,26 +291,20 @@ class BasePass:
 
         return keep
 
-    def _adapters(self, on: bool) -> None:
-        for layer in self.tuner_layers:
-            layer.enable_adapters(on)
-
     def logits(self, ids, mask):
         import torch
 
+        from trainables.frozen import adapters_off
+
         kept, self._kept = self._kept, None
-        with torch.no_grad():
-            self._adapters(False)
-            try:
-                if self._hook is None or kept is None or tuple(kept[0].shape[:2]) != tuple(ids.shape):
-                    return self.model(input_ids=ids, attention_mask=mask).logits
-                hidden, kwargs = kept
-                for layer in self.layers[self.start:]:
-                    out = layer(hidden, **kwargs)
-                    hidden = out[0] if isinstance(out, tuple) else out
-                return self.head(self.decoder.norm(hidden))
-            finally:
-                self._adapters(True)
+        with torch.no_grad(), adapters_off(self.tuner_layers):
+            if self._hook is None or kept is None or tuple(kept[0].shape[:2]) != tuple(ids.shape):
+                return self.model(input_ids=ids, attention_mask=mask).logits
+            hidden, kwargs = kept
+            for layer in self.layers[self.start:]:
+                out = layer(hidden, **kwargs)
+                hidden = out[0] if isinstance(out, tuple) else out
+            return self.head(self.decoder.norm(hidden))
 
 
 def trainable_parameters(model) -> int:
@@ -419,9 +412,7 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
     from trainables.frozen import FrozenStates
     from trainables.models import resolve
 
-    frozen = FrozenStates.make(model, layer_start, bool(cfg.kl_weight), frozen_cache, resolve(cfg.model))
-    if frozen is not None and not frozen.fits(examples, model.config.hidden_size, (layer_start > 0) + bool(cfg.kl_weight)):
-        frozen = None
+    frozen = FrozenStates.make(model, layer_start, bool(cfg.kl_weight), frozen_cache, resolve(cfg.model), examples)
     base_pass = BasePass(model, layer_start) if cfg.kl_weight and frozen is None else None
     anchor_pool = []
     if cfg.anchors and cfg.kl_weight:
