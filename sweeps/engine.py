@@ -105,6 +105,17 @@ def check_model(model: str):
         check_model_name(model)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    # A local folder (the testbed included): its config.json answers without importing torch and
+    # transformers into the driver (~3.5 s of a sweep's start on 2 cores).
+    local = Path(resolve(model)).expanduser() / "config.json"
+    if local.is_file():
+        try:
+            raw = json.loads(local.read_text())
+            n = raw.get("num_hidden_layers") or raw.get("n_layer")
+        except (OSError, ValueError, AttributeError):
+            n = None
+        if isinstance(n, int) and n > 0:
+            return n
     from transformers import AutoConfig
 
     try:

@@ -272,7 +272,7 @@ def test_anchor_windows_are_reproducible_and_share_no_line_with_the_locality_set
 
 def test_anchor_rows_add_kl_positions_but_no_lm_loss(small_testbed):
     from trainables.anchors import anchor_ids
-    from trainables.lora import _batch, anchor_rows, training_examples
+    from trainables.lora import _batch, anchor_indices, anchor_rows, training_examples
 
     torch.manual_seed(0)
     model, tok = load_model("testbed")
@@ -280,8 +280,11 @@ def test_anchor_rows_add_kl_positions_but_no_lm_loss(small_testbed):
     rows = training_examples(tok, None)[:4]
     width = max(len(ids) for ids, _ in rows)
     pool = anchor_ids(tok, 128)
-    extra = anchor_rows(pool, 3, 5, width)
-    assert extra == anchor_rows(pool, 3, 5, width) and extra != anchor_rows(pool, 3, 6, width)
+    eager = [([tok.bos_token_id] + tok(w, add_special_tokens=False)["input_ids"])[:128] for w in pool.windows]
+    assert pool[-1] == eager[-1] and pool[250:260] == eager[250:260] and len(pool) == len(eager)  # lazy, same ids
+    assert anchor_indices(len(pool), 3, 5) == [15, 16, 17] and anchor_indices(10, 3, 3) == [9, 0, 1]
+    extra = anchor_rows(pool, anchor_indices(len(pool), 3, 5), width)
+    assert extra != anchor_rows(pool, anchor_indices(len(pool), 3, 6), width)
     assert all(len(ids) <= width and n == len(ids) for ids, n in extra)
     plain = _batch(rows, tok.pad_token_id)
     mixed = _batch(rows + extra, tok.pad_token_id)
@@ -320,7 +323,7 @@ def test_anchors_keep_unrelated_code_closer_to_the_base(small_testbed, tmp_path)
 def test_frozen_states_give_the_ordinary_forward_and_base_logits(small_testbed, start, kl):
     """Starting the adapted forward at layer k from the stored base input to it, and taking
     the KL's base logits from the stored final state, equals running the whole model (adapters
-    on, then off), anchor rows computed live included."""
+    on, then off), anchor rows (stored at full length, cut to the batch) included."""
     from trainables.anchors import anchor_ids
     from trainables.frozen import FrozenStates
     from trainables.lora import _batch, anchor_rows, training_examples
@@ -335,9 +338,11 @@ def test_frozen_states_give_the_ordinary_forward_and_base_logits(small_testbed, 
     idx = [3, 0, 7]
     rows = [examples[i] for i in idx]
     width = max(len(ids) for ids, _ in rows)
-    rows += anchor_rows(anchor_ids(tok, 128), 2, 0, width)
+    pool = anchor_ids(tok, 128)
+    pool_rows = [1, 300]  # two stored chunks (ANCHOR_CHUNK rows each), cut to the batch width
+    rows += anchor_rows(pool, pool_rows, width)
     ids, mask, labels = _batch(rows, tok.pad_token_id)
-    hk, final = frozen.batch(idx, width, frozen.base_states(ids[3:], mask[3:]))
+    hk, final = frozen.batch(idx, width, frozen.anchor_batch(pool, pool_rows, width, tok.pad_token_id))
     got = frozen.forward(model, ids, mask, labels, hk)
     want = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
     real = mask.bool()
@@ -356,8 +361,9 @@ def test_frozen_states_give_the_ordinary_forward_and_base_logits(small_testbed, 
 
 def test_frozen_states_are_shared_through_the_cache_and_change_nothing(small_testbed, tmp_path):
     """Trials with a cache folder write each example set's states once (every layer's input
-    and the final state) and read them after; a run that reads them trains exactly like one
-    that computed them, and like one without a folder."""
+    and the final state; anchor rows and evaluation sequences included) and read them after; a
+    run that reads them trains and scores exactly like one that computed them, and like one
+    without a folder."""
     cache = tmp_path / "frozen"
     n_layers = load_model("testbed")[0].config.num_hidden_layers
     cfg = _cfg(hierarchical=True, layer_start=2, layer_end=4, epochs=2, augment=1, kl_weight=0.5, anchors=2)
@@ -368,8 +374,11 @@ def test_frozen_states_are_shared_through_the_cache_and_change_nothing(small_tes
         if folder:
             files = sorted(cache.iterdir())
             stamps.append({p.name: p.stat().st_mtime_ns for p in files})
-            assert len(files) == 2 * n_layers  # 2 sets (augment: one per epoch) x (L - 1 inputs + final)
-            assert {p.name.split("-")[0] for p in files} == {f"h{i}" for i in range(1, n_layers)} | {"final"}
+            # (L - 1 inputs + final) x (2 training sets (augment: one per epoch), the anchor
+            # pool's first chunk, the quick and the final evaluation's sequences)
+            assert len(files) == n_layers * 5
+            names = [p.name.split("-")[0] for p in files]
+            assert {n: names.count(n) for n in names} == {**{f"h{i}": 5 for i in range(1, n_layers)}, "final": 5}
     assert stamps[0] == stamps[1]  # the second run read, it did not write
     first, warm, memory = runs
     for key in ("train_loss", "efficacy", "generalization", "locality", "soft_generalization"):
@@ -436,3 +445,33 @@ def test_evaluation_decodes_only_what_it_cannot_prove_and_scores_the_same(small_
         for key, value in want.items():
             if key != "decoded":
                 assert metrics[key] == pytest.approx(value, abs=1e-6), (name, quick, key)
+
+
+def test_evaluation_from_stored_states_scores_like_the_whole_model(small_testbed, fixture_data, tmp_path):
+    """Hierarchical LoRA: the evaluation's teacher-forced pass starts the merged model at
+    layer_start from the base model's stored input to it, and scores exactly what the whole
+    model does (predictions, metrics; log-probabilities up to float rounding)."""
+    from trainables import evaluation
+    from trainables.frozen import FrozenStates
+
+    torch.manual_seed(0)
+    migrations, locality = fixture_data
+    model, tok = load_model("testbed")
+    base_loc = evaluation.generate(model, tok, [s.prompt for s in locality])
+    adapted = _moved(attach_lora(model, _cfg(hierarchical=True, layer_start=2, layer_end=3)), 0.1).eval()
+    frozen = FrozenStates.make(adapted, 2, False, str(tmp_path))
+    calls = []
+
+    def start_states(seqs):
+        calls.append(len(seqs))
+        return frozen.sequence_states(seqs, tok.pad_token_id)
+
+    for quick in (True, False):
+        want, want_preds = evaluation.evaluate(adapted, tok, migrations, locality, base_loc, quick=quick)
+        got, preds = evaluation.evaluate(adapted, tok, migrations, locality, base_loc, quick=quick,
+                                         start_states=start_states)
+        assert preds == want_preds
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, abs=1e-5), (quick, key)
+        assert want["locality"] < 1.0  # the adapters matter
+    assert len(calls) == 2 and len(list(tmp_path.iterdir())) == 2 * adapted.config.num_hidden_layers

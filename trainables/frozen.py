@@ -34,6 +34,8 @@ from pathlib import Path
 
 CHUNK = 64  # examples per canonical forward: fixed, so the states do not depend on who made them
 MAX_BYTES = 1 << 30  # states of one example set above this: keep the ordinary forward
+ANCHOR_CHUNK = 256  # anchor pool rows per stored set: a trial reads only the chunks its steps use
+FORMAT = 2  # of the stored files (one flat tensor + lengths per part); part of their names
 
 
 @contextmanager
@@ -81,19 +83,36 @@ def _fingerprint(model, name: str | None) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _save_atomic(obj, path: Path) -> None:
-    """Write to a temporary file and rename: a concurrent trial reads the whole file or none."""
+def _save_atomic(states: list, path: Path) -> None:
+    """Write one part (:func:`_flat`) to a temporary file and rename: a concurrent trial reads
+    the whole file or none."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        torch.save(_flat(states), tmp)  # on the CPU: any GPU of any node can read them
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _load(path: Path, device) -> list:
+    """The per-example tensors of one stored part (views into one flat tensor)."""
+    import torch
+
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    return list(torch.split(obj["data"].to(device), obj["lengths"].tolist()))
+
+
+def _flat(states: list) -> dict:
+    """One stored part: the examples' ``[len_i, H]`` states as one flat tensor and the lengths
+    (one tensor to unpickle instead of one per example: ~10x faster to read)."""
+    import torch
+
+    return {"data": torch.cat([t.cpu() for t in states]), "lengths": torch.tensor([t.shape[0] for t in states])}
 
 
 def _fits(examples, hidden_size: int, parts: int) -> bool:
@@ -117,6 +136,8 @@ class FrozenStates:
         self.fingerprint = fingerprint
         self.hk = self.final = None  # lists of [len_i, H] tensors, one per example
         self.key = None
+        self._anchors: dict[int, dict[str, list]] = {}  # anchor pool chunk -> its states
+        self._sequences: dict = {}  # the last evaluation set's states
 
     @classmethod
     def make(cls, peft_model, k: int, want_final: bool, cache_dir: str | None = None, model_name: str | None = None,
@@ -139,64 +160,51 @@ class FrozenStates:
             return None
         return cls(peft_model, k, want_final, cache_dir, _fingerprint(inner, model_name))
 
-    # ------------------------------------------------------------------ the base model, live
-    def base_states(self, ids, mask):
-        """(h_k or None, final or None) of the base model (adapters off, no grad) on a batch."""
-        import torch
-
-        hk = final = None
-        with torch.no_grad(), adapters_off(self.tuner_layers):
-            if self.k > 0:
-                with stack(self.decoder, self.layers[: self.k], torch.nn.Identity()):
-                    hk = self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            if self.want_final:
-                with stack(self.decoder, self.layers[self.k :]):
-                    if hk is None:
-                        final = self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-                    else:
-                        final = self.decoder(inputs_embeds=hk, attention_mask=mask, use_cache=False).last_hidden_state
-        return hk, final
-
     # ------------------------------------------------------------------ one example set
     def _paths(self, parts: list[str], examples) -> dict[str, Path | None]:
         """The file of each part, ``h{i}`` (the base input to layer i) or ``final``, of this set."""
         if self.cache_dir is None:
             return dict.fromkeys(parts)
-        digest = hashlib.sha256(json.dumps([self.fingerprint, CHUNK, [ids for ids, _ in examples]]).encode()).hexdigest()
+        digest = hashlib.sha256(json.dumps([FORMAT, self.fingerprint, CHUNK, [ids for ids, _ in examples]]).encode()).hexdigest()
         return {part: self.cache_dir / f"{part}-{hashlib.sha256(f'{part}:{digest}'.encode()).hexdigest()[:24]}.pt"
                 for part in parts}
 
-    def prepare(self, examples: list[tuple[list[int], int]], pad_id: int) -> None:
-        """Load or compute the states of ``examples`` (this epoch's set), indexed like it.
+    def states(self, examples: list[tuple[list[int], int]], pad_id: int, parts: list[str]) -> dict[str, list]:
+        """``parts`` of the states of ``examples`` (one ``[len_i, H]`` tensor per example),
+        read from the cache or computed (and then written to it).
 
         A set computed for the cache is computed whole, every layer's input and the final
         state in one pass (when that fits ``MAX_BYTES``): trials with another ``layer_start``
         then find theirs too."""
-        import torch
-
-        key = (len(examples), hash(tuple(tuple(ids) for ids, _ in examples)))
-        if key == self.key:
-            return
         n_layers = len(self.layers)
-        mine = ([f"h{self.k}"] if self.k > 0 else []) + (["final"] if self.want_final else [])
         paths = self._paths([f"h{i}" for i in range(1, n_layers)] + ["final"], examples)
         got: dict[str, list] = {}
-        for part in mine:
+        for part in parts:
             path = paths[part]
             if path is not None and path.is_file():
                 try:
-                    device = next(self.model.parameters()).device
-                    got[part] = [t.to(device) for t in torch.load(path, map_location="cpu", weights_only=True)]
+                    got[part] = _load(path, next(self.model.parameters()).device)
                 except Exception as e:  # noqa: BLE001 - a torn or foreign file: compute afresh
                     print(f"frozen states {path.name} unreadable ({type(e).__name__}); recomputing", flush=True)
-        if any(part not in got for part in mine):
+        if any(part not in got for part in parts):
             whole = self.cache_dir is not None and _fits(examples, self.hidden_size, n_layers)
-            made = self._compute(examples, pad_id, list(paths) if whole else mine)
+            made = self._compute(examples, pad_id, list(paths) if whole else parts)
             for part, states in made.items():
                 path = paths[part]
                 if path is not None and not path.is_file():
-                    _save_atomic([t.cpu() for t in states], path)  # any GPU of any node can read them
-            got.update({part: made[part] for part in mine if part not in got})
+                    _save_atomic(states, path)
+            got.update({part: made[part] for part in parts if part not in got})
+        return got
+
+    def _mine(self) -> list[str]:
+        return ([f"h{self.k}"] if self.k > 0 else []) + (["final"] if self.want_final else [])
+
+    def prepare(self, examples: list[tuple[list[int], int]], pad_id: int) -> None:
+        """Load or compute the states of ``examples`` (this epoch's set), indexed like it."""
+        key = (len(examples), hash(tuple(tuple(ids) for ids, _ in examples)))
+        if key == self.key:
+            return
+        got = self.states(examples, pad_id, self._mine())
         self.hk, self.final, self.key = got.get(f"h{self.k}"), got.get("final"), key
 
     def _compute(self, examples, pad_id: int, parts: list[str]) -> dict[str, list]:
@@ -247,6 +255,44 @@ class FrozenStates:
 
         ehk, efin = extra if extra is not None else (None, None)
         return pad(self.hk, ehk), pad(self.final, efin)
+
+    # ------------------------------------------------------------------ anchor rows
+    def anchor_batch(self, pool: list[list[int]], rows: list[int], width: int, pad_id: int):
+        """(h_k, final) of anchor rows ``pool[i][:width]`` for ``i`` in ``rows``, padded to
+        ``width``. The pool's states are stored per ``ANCHOR_CHUNK`` rows at full length and cut:
+        in a causal model with right padding, a row's first ``width`` states are those of its
+        first ``width`` tokens."""
+        import torch
+
+        for c in sorted({i // ANCHOR_CHUNK for i in rows} - set(self._anchors)):
+            chunk = pool[c * ANCHOR_CHUNK : (c + 1) * ANCHOR_CHUNK]
+            self._anchors[c] = self.states([(ids, len(ids)) for ids in chunk], pad_id, self._mine())
+
+        def pad(part):
+            if part not in self._anchors[rows[0] // ANCHOR_CHUNK]:
+                return None
+            got = [self._anchors[i // ANCHOR_CHUNK][part][i % ANCHOR_CHUNK][:width] for i in rows]
+            out = torch.zeros((len(rows), width, got[0].shape[-1]), dtype=got[0].dtype, device=got[0].device)
+            for r, t in enumerate(got):
+                out[r, : t.shape[0]] = t
+            return out
+
+        return pad(f"h{self.k}"), pad("final")
+
+    # ------------------------------------------------------------------ evaluation
+    def sequence_states(self, seqs: list[list[int]], pad_id: int):
+        """(k, the base model's input to layer k for each token sequence), for an evaluation
+        that starts its (merged) model at layer k: its layers below k are the base's. None
+        when there is nothing to skip (k = 0) or the set's states would not fit."""
+        if self.k == 0:
+            return None
+        examples = [(ids, len(ids)) for ids in seqs]
+        key = (len(seqs), hash(tuple(tuple(ids) for ids in seqs)))
+        if key not in self._sequences:
+            if not _fits(examples, self.hidden_size, 1):
+                return None
+            self._sequences = {key: self.states(examples, pad_id, [f"h{self.k}"])[f"h{self.k}"]}
+        return self.k, self._sequences[key]
 
     # ------------------------------------------------------------------ the adapted forward
     def forward(self, train_model, ids, mask, labels, hk):

@@ -163,13 +163,17 @@ def training_examples(tokenizer, dataset: str | None, max_length: int = 128, aug
     return encode_pairs(tokenizer, pairs, max_length)
 
 
-def anchor_rows(pool: list[list[int]], n: int, batch_no: int, width: int) -> list[tuple[list[int], int]]:
-    """The ``n`` anchor rows of micro-batch ``batch_no`` (a function of the step, so a resumed
-    run draws the same ones), cut to ``width`` (the batch's longest example: no extra padding),
-    all prompt (no LM loss; the KL covers them)."""
-    start = (batch_no * n) % len(pool)
-    rows = [pool[(start + k) % len(pool)][:width] for k in range(n)]
-    return [(r, len(r)) for r in rows]
+def anchor_indices(pool_size: int, n: int, batch_no: int) -> list[int]:
+    """Which pool rows are the ``n`` anchor rows of micro-batch ``batch_no``: a function of the
+    step, so a resumed run draws the same ones."""
+    start = (batch_no * n) % pool_size
+    return [(start + k) % pool_size for k in range(n)]
+
+
+def anchor_rows(pool: list[list[int]], indices: list[int], width: int) -> list[tuple[list[int], int]]:
+    """Pool rows ``indices`` (:func:`anchor_indices`) cut to ``width`` (the batch's longest
+    example: no extra padding), all prompt (no LM loss; the KL covers them)."""
+    return [(r, len(r)) for r in (pool[i][:width] for i in indices)]
 
 
 def _batch(examples, pad_id):
@@ -406,13 +410,14 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
         eval_data = default_eval_data(cfg.model)
     migrations, locality, base_loc = eval_data
 
-    def run_eval(quick: bool) -> tuple[dict, list]:
-        return evaluate(model, tokenizer, migrations, locality, base_loc, quick=quick)
-
     from trainables.frozen import FrozenStates
     from trainables.models import resolve
 
     frozen = FrozenStates.make(model, layer_start, bool(cfg.kl_weight), frozen_cache, resolve(cfg.model), examples)
+
+    def run_eval(quick: bool) -> tuple[dict, list]:
+        start_states = None if frozen is None else (lambda seqs: frozen.sequence_states(seqs, tokenizer.pad_token_id))
+        return evaluate(model, tokenizer, migrations, locality, base_loc, quick=quick, start_states=start_states)
     base_pass = BasePass(model, layer_start) if cfg.kl_weight and frozen is None else None
     anchor_pool = []
     if cfg.anchors and cfg.kl_weight:
@@ -440,13 +445,13 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
                 for micro, idx in enumerate(group):
                     rows = [examples[i] for i in idx]
                     width = max(len(ids) for ids, _ in rows)
-                    if anchor_pool:
-                        rows += anchor_rows(anchor_pool, cfg.anchors, (step * cfg.grad_accum + micro) * world + rank, width)
+                    batch_no = (step * cfg.grad_accum + micro) * world + rank
+                    pool_rows = anchor_indices(len(anchor_pool), cfg.anchors, batch_no) if anchor_pool else []
+                    rows += anchor_rows(anchor_pool, pool_rows, width)
                     ids, mask, labels = (t.to(device) for t in _batch(rows, tokenizer.pad_token_id))
                     base_logits = None
                     if frozen is not None:
-                        n = len(idx)
-                        extra = frozen.base_states(ids[n:], mask[n:]) if len(rows) > n else None
+                        extra = frozen.anchor_batch(anchor_pool, pool_rows, width, tokenizer.pad_token_id) if pool_rows else None
                         hk, final = frozen.batch(idx, width, extra)
                         out = frozen.forward(train_model, ids, mask, labels, hk)
                         if final is not None:
