@@ -12,10 +12,10 @@ class StallASHA(ASHAScheduler):
     recorded so far. Early in a sweep that quantile is taken over a handful of trials, most of
     them from TPE's random start; in the headline sweep (lr log-uniform over 1e-5..1e-2) those
     had moved nothing after one epoch, their ``progress`` differing only in the fourth decimal,
-    so about a third of them passed the rung on noise and trained to the end for an objective
-    of 0 (5-6 of 40 trials, ~130 of ~760 trial-seconds). A trial that has not improved on the
-    model it started from by the first rung is stopped whatever the others did: the
-    ``min_delta`` of ordinary early stopping, measured against the base model.
+    so several passed the rung on noise and trained to the end for an objective of 0 (in run
+    8a, 5 trials and ~170 of 717 trial-seconds). A trial that has not improved on the model it
+    started from by the first rung is stopped whatever the others did: the ``min_delta`` of
+    ordinary early stopping, measured against the base model (``evaluation.STALL_DELTA``).
     """
 
     def __init__(self, *, floor: float | None, **kwargs):

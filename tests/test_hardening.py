@@ -360,3 +360,30 @@ def test_two_sweeps_share_one_mlflow_store(tmp_path, small_testbed):
         parent, kids = children_of(mlflow_runs(home, m), f"both-{m}")
         assert parent["status"] == "FINISHED"
         assert len(kids) == n and all(k["status"] == "FINISHED" and "objective" in k["metrics"] for k in kids)
+
+
+def test_searcher_treats_the_locality_floor_as_a_constraint(_small_world):
+    """Generalization subject to locality: a trial below the floor is infeasible for TPE (c-TPE),
+    whatever its penalised objective, so a feasible trial with a lower objective is the one TPE
+    samples around. Unit-level: no Ray started."""
+    from optuna.samplers._tpe.sampler import _split_trials
+
+    from sweeps.engine import make_searcher
+    from sweeps.methods import METHODS
+
+    searcher = make_searcher(METHODS["hier_lora"], 4, 2, "objective", "max", seed=0)
+    assert searcher.suggest("edge") and searcher.suggest("inside")  # "adopted": never suggested
+    searcher.on_trial_complete("edge", result={"objective": 0.80, "locality": 0.948, "final": True})
+    searcher.on_trial_complete("inside", result={"objective": 0.76, "locality": 0.97, "final": True})
+    searcher.on_trial_complete("adopted", result={"objective": 0.9, "locality": 0.5, "final": True,
+                                                  "config": {"lr": 1e-3}})
+    study = searcher._ot_study
+    assert [t.constraints for t in study.trials] == [{"locality": pytest.approx(0.002)},
+                                                     {"locality": pytest.approx(-0.02)},
+                                                     {"locality": pytest.approx(0.45)}]
+    below, above = _split_trials(study, study.trials, 1)
+    assert [t.value for t in below] == [0.76] and sorted(t.value for t in above) == [0.8, 0.9]
+    mo = make_searcher(METHODS["hier_lora"], 4, 2, ["efficacy", "locality"], ["max", "max"], seed=0)
+    assert mo.suggest("m")
+    mo.on_trial_complete("m", result={"efficacy": 0.5, "locality": 0.5, "final": True})
+    assert mo._ot_study.trials[0].constraints == {}  # a Pareto search is not constrained
