@@ -12,8 +12,12 @@ came from disk or were just computed), and:
 - the KL's base logits are ``lm_head(final)`` instead of a second pass through ``[k, L)``.
 
 On the testbed's default hier-LoRA range (layers 4-5 of 8, KL on) that is 8 of the ~19
-layer-passes a training step makes. Anchor rows (a different one every step) still run the
-base model live, on their few rows only.
+layer-passes a training step makes. Two more kinds of set are stored the same way:
+
+- anchor rows (``trainables/anchors.py``): the pool's states per ``ANCHOR_CHUNK`` rows at full
+  length, cut to each batch's width (:meth:`FrozenStates.anchor_batch`);
+- the evaluation's teacher-forced sequences: ``evaluation.score_lines`` starts the merged model
+  at layer ``k`` from their stored ``h_k`` (:meth:`FrozenStates.sequence_states`).
 
 With a ``cache_dir`` (the sweep engine gives one per sweep) the states are files keyed by the
 model, ``k`` and the examples' token ids: the first trial to need a set writes it, the others
