@@ -214,7 +214,7 @@ def score_lines(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int 
     at layer k."""
     import torch
 
-    from trainables.frozen import stack
+    from trainables.frozen import pad_states, stack
 
     device = next(model.parameters()).device
     trunk = _trunk(model)
@@ -254,9 +254,7 @@ def score_lines(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int 
                 decoder, head = trunk
                 if start is not None:
                     k, states = start
-                    hk = torch.zeros((len(idx), width, states[0].shape[-1]), dtype=states[0].dtype, device=device)
-                    for row, i in enumerate(idx):
-                        hk[row, : states[i].shape[0]] = states[i]
+                    hk = pad_states([states[i] for i in idx], width)
                     with stack(decoder, list(decoder.layers)[k:]):
                         hidden = decoder(inputs_embeds=hk, attention_mask=mask).last_hidden_state
                 else:

@@ -119,6 +119,22 @@ def _flat(states: list) -> dict:
     return {"data": torch.cat([t.cpu() for t in states]), "lengths": torch.tensor([t.shape[0] for t in states])}
 
 
+def pad_states(rows: list, width: int):
+    """``[len_i, H]`` state tensors as one ``[n, width, H]`` batch, zero-padded on the right
+    (right padding is never attended to or scored)."""
+    import torch
+
+    out = torch.zeros((len(rows), width, rows[0].shape[-1]), dtype=rows[0].dtype, device=rows[0].device)
+    for r, t in enumerate(rows):
+        out[r, : t.shape[0]] = t
+    return out
+
+
+def _set_key(seqs) -> tuple:
+    """In-memory identity of a set of token sequences (which set a trial has loaded)."""
+    return len(seqs), hash(tuple(tuple(ids) for ids in seqs))
+
+
 def _fits(examples, hidden_size: int, parts: int) -> bool:
     """Do ``parts`` float32 states of every token of ``examples`` fit ``MAX_BYTES``?"""
     return sum(len(ids) for ids, _ in examples) * hidden_size * 4 * parts <= MAX_BYTES
@@ -205,7 +221,7 @@ class FrozenStates:
 
     def prepare(self, examples: list[tuple[list[int], int]], pad_id: int) -> None:
         """Load or compute the states of ``examples`` (this epoch's set), indexed like it."""
-        key = (len(examples), hash(tuple(tuple(ids) for ids, _ in examples)))
+        key = _set_key([ids for ids, _ in examples])
         if key == self.key:
             return
         got = self.states(examples, pad_id, self._mine())
@@ -252,9 +268,7 @@ class FrozenStates:
         def pad(rows, more):
             if rows is None:
                 return None
-            out = torch.zeros((len(idx), width, rows[0].shape[-1]), dtype=rows[0].dtype, device=rows[0].device)
-            for r, i in enumerate(idx):
-                out[r, : rows[i].shape[0]] = rows[i]
+            out = pad_states([rows[i] for i in idx], width)
             return out if more is None else torch.cat([out, more], 0)
 
         ehk, efin = extra if extra is not None else (None, None)
@@ -266,8 +280,6 @@ class FrozenStates:
         ``width``. The pool's states are stored per ``ANCHOR_CHUNK`` rows at full length and cut:
         in a causal model with right padding, a row's first ``width`` states are those of its
         first ``width`` tokens."""
-        import torch
-
         for c in sorted({i // ANCHOR_CHUNK for i in rows} - set(self._anchors)):
             chunk = pool[c * ANCHOR_CHUNK : (c + 1) * ANCHOR_CHUNK]
             self._anchors[c] = self.states([(ids, len(ids)) for ids in chunk], pad_id, self._mine())
@@ -275,11 +287,7 @@ class FrozenStates:
         def pad(part):
             if part not in self._anchors[rows[0] // ANCHOR_CHUNK]:
                 return None
-            got = [self._anchors[i // ANCHOR_CHUNK][part][i % ANCHOR_CHUNK][:width] for i in rows]
-            out = torch.zeros((len(rows), width, got[0].shape[-1]), dtype=got[0].dtype, device=got[0].device)
-            for r, t in enumerate(got):
-                out[r, : t.shape[0]] = t
-            return out
+            return pad_states([self._anchors[i // ANCHOR_CHUNK][part][i % ANCHOR_CHUNK][:width] for i in rows], width)
 
         return pad(f"h{self.k}"), pad("final")
 
@@ -291,7 +299,7 @@ class FrozenStates:
         if self.k == 0:
             return None
         examples = [(ids, len(ids)) for ids in seqs]
-        key = (len(seqs), hash(tuple(tuple(ids) for ids in seqs)))
+        key = _set_key(seqs)
         if key not in self._sequences:
             if not _fits(examples, self.hidden_size, 1):
                 return None

@@ -418,6 +418,7 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
     def run_eval(quick: bool) -> tuple[dict, list]:
         start_states = None if frozen is None else (lambda seqs: frozen.sequence_states(seqs, tokenizer.pad_token_id))
         return evaluate(model, tokenizer, migrations, locality, base_loc, quick=quick, start_states=start_states)
+
     base_pass = BasePass(model, layer_start) if cfg.kl_weight and frozen is None else None
     anchor_pool = []
     if cfg.anchors and cfg.kl_weight:
