@@ -90,7 +90,9 @@ class AnchorPool(Sequence):
 
     def __init__(self, tokenizer, windows: tuple[str, ...], max_length: int):
         self.tokenizer, self.windows, self.max_length = tokenizer, windows, max_length
-        self._bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        from trainables.models import start_ids
+
+        self._bos = start_ids(tokenizer)
         self._blocks: dict[int, list[list[int]]] = {}
 
     def __len__(self) -> int:

@@ -324,8 +324,10 @@ def sample_solutions(model, tokenizer, records: list[CuaRecord], k: int, tempera
     for r in records:
         text = prompt(r)
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        if tokenizer.bos_token_id is not None:
-            ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
+        from trainables.models import start_ids
+
+        if start_ids(tokenizer):
+            ids = torch.cat([torch.tensor([start_ids(tokenizer)]), ids], dim=1)
         if limit and ids.shape[1] + max_new_tokens > limit:  # keep the end: the signature matters most
             ids = ids[:, -(limit - max_new_tokens):]
         ids = ids.to(device)

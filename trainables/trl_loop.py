@@ -28,10 +28,12 @@ NO_CLIP = 1.0e9
 
 
 def bos_text(tokenizer) -> str:
-    """TRL tokenizes prompts with add_special_tokens=False, but the testbed (and the shared
-    evaluation) always starts with BOS: put it in the prompt text so training sees what the
-    evaluation sees."""
-    return tokenizer.bos_token or ""
+    """TRL tokenizes prompts with add_special_tokens=False, but the shared evaluation starts
+    every sequence with ``models.start_ids`` (the testbed's BOS, a Llama tokenizer's BOS; nothing
+    for Qwen2 or SmolLM2): put it in the prompt text so training sees what the evaluation sees."""
+    from trainables.models import start_text
+
+    return start_text(tokenizer)
 
 
 def training_args(cls, cfg, out_dir: str, batch_size: int, **extra):

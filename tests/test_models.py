@@ -1,0 +1,233 @@
+"""Per-architecture module facts on tiny models built from each family's config, the start
+token rule, prompts that end inside the statement, and every method's smoke path on models whose
+tokenizer has no BOS token (Qwen2-style) or whose modules are GPT-2-style."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
+GPT2_SMALL = dict(vocab_size=300, n_embd=32, n_layer=4, n_head=4, n_positions=256)
+
+
+def _config(family: str, **over):
+    import transformers as T
+
+    specials = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return {
+        "llama": lambda: T.LlamaConfig(**SMALL, **specials),
+        "mistral": lambda: T.MistralConfig(**SMALL, **specials),
+        "qwen2": lambda: T.Qwen2Config(**SMALL, **specials),
+        "qwen3": lambda: T.Qwen3Config(**SMALL, head_dim=8, **specials),
+        "gemma": lambda: T.GemmaConfig(**SMALL, head_dim=8, **specials),
+        "gemma2": lambda: T.Gemma2Config(**SMALL, head_dim=8, **specials),
+        "phi3": lambda: T.Phi3Config(**SMALL, **specials),
+        "starcoder2": lambda: T.Starcoder2Config(**SMALL, **specials),
+        "gpt2": lambda: T.GPT2Config(**GPT2_SMALL, **specials),
+        "gpt_bigcode": lambda: T.GPTBigCodeConfig(**GPT2_SMALL, **specials),
+        "gpt_neox": lambda: T.GPTNeoXConfig(**{k: v for k, v in SMALL.items() if k != "num_key_value_heads"},
+                                            **specials),
+    }[family]()
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "starcoder2", "gpt2", "gpt_bigcode",
+            "gpt_neox"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_module_facts_name_every_projection_of_each_family(family):
+    from transformers import AutoModelForCausalLM
+
+    from trainables.models import ARCH_FACTS, arch_facts, num_layers
+
+    assert set(FAMILIES) <= set(ARCH_FACTS)
+    model = AutoModelForCausalLM.from_config(_config(family))
+    facts = arch_facts(model.config)
+    modules = dict(model.named_modules())
+    assert num_layers(model) == 4
+    assert len(model.get_submodule(facts.layers)) == 4
+    for i in range(4):
+        prefix = f"{facts.layers}.{i}."
+        linear = {k[len(prefix):] for k, v in modules.items()
+                  if k.startswith(prefix) and type(v).__name__ in ("Linear", "Conv1D")}
+        assert linear == set(facts.attn) | set(facts.mlp), linear  # nothing missed, nothing invented
+        assert set(facts.qv) <= set(facts.attn) and facts.mlp_down.format(i) in modules
+        assert facts.mlp_down.format(i)[len(prefix):] in facts.mlp
+        assert prefix + facts.attn_block in modules and prefix + facts.mlp_block in modules
+    assert facts.final_norm in modules and modules[facts.embed] is model.get_input_embeddings()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "starcoder2", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("target", ["qv", "mlp"])
+def test_hierarchical_adapters_train_only_their_layers_and_modules(family, target):
+    """One optimizer step with adapters on layers [1, 3): only those adapters move. GPT-2's
+    attention and MLP both hold a ``c_proj``: ``mlp`` must not adapt the attention's."""
+    from transformers import AutoModelForCausalLM
+
+    from trainables.lora import LoraTrainConfig, attach_lora
+    from trainables.models import arch_facts
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(family))
+    facts = arch_facts(model.config)
+    peft_model = attach_lora(model, LoraTrainConfig(hierarchical=True, layer_start=1, layer_end=3, target=target,
+                                                    r=4, dropout=0.0))
+    names = {k for k, p in peft_model.named_parameters() if p.requires_grad}
+    wanted = facts.qv if target == "qv" else facts.mlp
+    assert names and all("lora_" in k for k in names)
+    assert all(any(f".{facts.layers.rsplit('.', 1)[-1]}.{i}.{m}." in k for i in (1, 2) for m in wanted)
+               for k in names), sorted(names)
+    assert {(i, m) for i in (1, 2) for m in wanted} == {
+        (i, m) for k in names for i in (1, 2) for m in wanted if f".{i}.{m}.lora_A" in k}
+    before = {k: v.detach().clone() for k, v in peft_model.named_parameters()}
+    opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1.0)
+    ids = torch.randint(3, 300, (2, 12))
+    for _ in range(2):  # LoRA's B starts at 0: the second step moves A and B
+        opt.zero_grad()
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    moved = {k for k, v in peft_model.named_parameters() if not torch.equal(v, before[k])}
+    assert moved and moved <= names
+
+
+def test_unknown_architecture_is_refused_in_one_line():
+    from trainables.models import check_model_type
+
+    check_model_type("qwen2", "Qwen/Qwen2.5-Coder-1.5B")
+    with pytest.raises(ValueError) as e:
+        check_model_type("mamba", "state-spaces/mamba-130m")
+    assert "\n" not in str(e.value) and "'mamba'" in str(e.value) and "ArchFacts" in str(e.value)
+
+
+def _bosless_tokenizer(small_testbed: Path, out: Path):
+    """The small testbed's byte-level BPE with its BOS token removed (as Qwen2's has none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(small_testbed)
+    tok.bos_token = None
+    tok.save_pretrained(out)
+    back = AutoTokenizer.from_pretrained(out)
+    assert back.bos_token_id is None
+    return back
+
+
+def _tiny_model(family: str, small_testbed: Path, out: Path) -> Path:
+    """A random tiny ``family`` model with a BOS-less tokenizer, saved to ``out``."""
+    from transformers import AutoModelForCausalLM
+
+    tok = _bosless_tokenizer(small_testbed, out)
+    over = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+            "bos_token_id": None}
+    cfg = _config(family)
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    return out
+
+
+def test_start_ids_follow_the_tokenizer_and_the_testbed(small_testbed, tmp_path):
+    from transformers import AutoTokenizer
+
+    from trainables.models import start_ids, start_text
+
+    tb = AutoTokenizer.from_pretrained(small_testbed)
+    assert start_ids(tb) == [tb.bos_token_id] and start_text(tb) == tb.bos_token  # pretrained after BOS
+    assert start_ids(_bosless_tokenizer(small_testbed, tmp_path / "q")) == []
+    # a tokenizer whose template adds BOS (Llama, CodeLlama): exactly that BOS
+    from tokenizers import processors
+
+    llama_like = AutoTokenizer.from_pretrained(small_testbed)
+    llama_like._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{llama_like.bos_token} $A", special_tokens=[(llama_like.bos_token, llama_like.bos_token_id)])
+    llama_like.save_pretrained(tmp_path / "l")
+    assert start_ids(AutoTokenizer.from_pretrained(tmp_path / "l")) == [llama_like.bos_token_id]
+    # a tokenizer with a BOS token that it does not add (SmolLM2's is the chat marker): none
+    tb.save_pretrained(tmp_path / "s")
+    assert start_ids(AutoTokenizer.from_pretrained(tmp_path / "s")) == []
+
+
+def test_prompts_end_inside_the_statement_on_a_token_boundary(small_testbed):
+    """Every context of data/ has a head; prompt + head then the rest tokenizes as the whole
+    line does on the testbed's tokenizer (the pretraining), and the rest still tells old from new."""
+    from transformers import AutoTokenizer
+
+    from trainables.data import load_migrations, shared_head
+
+    assert shared_head("df = df.append(row)", "df = pd.concat([df, row])") == "df ="
+    assert shared_head("names = v.get_feature_names()", "names = v.get_feature_names_out()") == "names = v."
+    assert shared_head("m = Model(base_estimator=e)", "m = Model(estimator=e)") == "m = Model("
+    assert shared_head("x = np.float(v)", "y = float(v)") == ""
+    tok = AutoTokenizer.from_pretrained(small_testbed)
+    n = 0
+    for m in load_migrations(ROOT / "data" / "migrations.jsonl"):
+        for c in m.train_contexts + m.probe_contexts:
+            assert c.head.strip(), (m.id, c.old)
+            rest_old, rest_new = c.old[len(c.head):], c.new[len(c.head):]
+            assert c.old.startswith(c.head) and c.new.startswith(c.head) and rest_old != rest_new
+            for line in (c.old, c.new):
+                whole = tok(line, add_special_tokens=False)["input_ids"]
+                split = (tok(c.head, add_special_tokens=False)["input_ids"]
+                         + tok(line[len(c.head):], add_special_tokens=False)["input_ids"])
+                assert split == whole, (m.id, c.head, line)
+            n += 1
+    assert n >= 340
+
+
+def test_statement_judging_follows_open_brackets():
+    from trainables.evaluation import bracket_depth, statement_end
+
+    text = " pd.concat(\n    [df, row],\n    ignore_index=True)\nprint(df)"
+    assert text[: statement_end(text)] == " pd.concat(\n    [df, row],\n    ignore_index=True)"
+    assert statement_end("x = 1\ny") == 5 and statement_end("f(')'\n)\nz") == 7
+    assert bracket_depth("f(a, [b") == 2 and bracket_depth("'(' # (") == 0
+    assert statement_end("append(row)", depth=1) == len("append(row)")  # the head left one open
+
+
+METHOD_SMOKE = {
+    "lora": dict(epochs=1, batch_size=4, r=4, threads=1),
+    "hier_lora": dict(epochs=1, batch_size=4, r=4, threads=1, hierarchical=True, layer_start=2, layer_end=4,
+                      kl_weight=0.5),
+    "dpo": dict(epochs=1, batch_size=4, r=4),
+    "grpo": dict(epochs=1, num_generations=2, prompts_per_step=2, max_completion_length=8, r=4,
+                 contexts_per_migration=1, exec_timeout=2.0, sft_epochs=1),
+    "prompt": dict(strategy="rules"),
+    "rome": dict(algorithm="rome", layer=1, v_num_grad_steps=2, phases=1),
+    "memit": dict(algorithm="memit", layer_start=1, layer_end=3, v_num_grad_steps=2, phases=1, mom2_n_samples=20),
+}
+
+
+@pytest.fixture(scope="module")
+def bosless_qwen2(small_testbed, tmp_path_factory):
+    return _tiny_model("qwen2", small_testbed, tmp_path_factory.mktemp("qwen2"))
+
+
+@pytest.fixture(scope="module")
+def bosless_gpt2(small_testbed, tmp_path_factory):
+    return _tiny_model("gpt2", small_testbed, tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_SMOKE))
+def test_every_method_completes_on_a_bosless_qwen2(method, bosless_qwen2):
+    _smoke(method, bosless_qwen2)
+
+
+@pytest.mark.parametrize("method", ["hier_lora", "dpo", "rome"])
+def test_methods_complete_on_gpt2_modules(method, bosless_gpt2):
+    _smoke(method, bosless_gpt2)
+
+
+def _smoke(method: str, model: Path) -> None:
+    from sweeps.methods import METHODS
+
+    m = METHODS[method]
+    out = m.load_run_once()({**m.fixed, **METHOD_SMOKE[method], "model": str(model)})
+    assert out["trial_status"] == "completed", out
+    for k in ("efficacy", "generalization", "locality", "objective"):
+        assert 0.0 <= out[k] <= 1.0 or k == "objective", (k, out[k])
+    json.dumps({k: v for k, v in out.items() if isinstance(v, (int, float, str))})
