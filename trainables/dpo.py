@@ -79,8 +79,8 @@ class DpoTrainConfig:
 
 def preference_dataset(tokenizer, dataset: str | None, max_length: int):
     """prompt_ids / chosen_ids / rejected_ids, tokenized in pieces exactly as the testbed was
-    pretrained and as the evaluation prompts it (``trainables.testbed.encode_pair``: BOS + prompt,
-    then completion + EOS). TRL would tokenize prompt + completion as one string, where the
+    pretrained and as the evaluation prompts it (``trainables.testbed.encode_pair``: start + prompt,
+    then the completion and its newline). TRL would tokenize prompt + completion as one string, where the
     prompt's final newline merges with the completion's first token on the testbed's BPE (TRL
     warns "The tokenized prompt is not a prefix ..." and trains on a context the evaluation
     never shows)."""
@@ -91,8 +91,8 @@ def preference_dataset(tokenizer, dataset: str | None, max_length: int):
 
     rows = []
     for p in load_training_pairs(dataset):
-        chosen, n = encode_pair(tokenizer, p.prompt, p.new, max_length)
-        rejected, m = encode_pair(tokenizer, p.prompt, p.old, max_length)
+        chosen, n = encode_pair(tokenizer, p.prompt, p.new, max_length, end="newline")
+        rejected, m = encode_pair(tokenizer, p.prompt, p.old, max_length, end="newline")
         if n >= len(chosen) or m >= len(rejected):
             continue  # the prompt alone fills max_length: no completion token left to learn from
         rows.append({"prompt_ids": chosen[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[m:]})

@@ -1,6 +1,10 @@
 """The one evaluation every method is scored with, so numbers compare across rows.
 
-Greedy, batched, one line per prompt. Metrics (all in [0, 1]):
+Greedy, batched, one statement per prompt. A migration context is prompted with the lines
+before it plus the start of the statement that the old and new lines share (``Context.head``:
+``df =``, ``names = vec.``), so the completion is where the model chooses an API; the statement
+it writes is judged whole, over several lines while a bracket is open (``statement_end``).
+Metrics (all in [0, 1]):
 
 - ``efficacy``: train contexts whose completion is API-correct (parses, uses the replacement,
   no longer uses the deprecated call);
@@ -27,12 +31,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from trainables.apicheck import check_completion
+from trainables.models import start_ids
 
 if TYPE_CHECKING:  # torch is imported lazily so that `--help` stays fast
     import torch
 
-# Completions are one line of <= 90 characters: ~30 BPE tokens on code; 48 leaves headroom.
-MAX_NEW_TOKENS = 48
+# Completions are the rest of one statement: the data's lines are <= 90 characters (~30 BPE
+# tokens on code); 64 leaves room for a call a real model continues over a second line.
+MAX_NEW_TOKENS = 64
 LOCALITY_FLOOR = 0.95  # the objective penalises locality below this (no-forgetting constraint)
 LOCALITY_PENALTY = 4.0  # 1 point of locality below the floor costs 4 points of generalization
 # Weight of soft_generalization in `progress`: 0.1 * its range is ~4 probe contexts of 136.
@@ -57,6 +63,66 @@ class Prediction:
 
 def first_line(text: str) -> str:
     return text.split("\n", 1)[0]
+
+
+_OPEN, _CLOSE = "([{", ")]}"
+
+
+def bracket_depth(text: str, depth: int = 0) -> int:
+    """Open brackets after ``text`` (strings and comments skipped), starting from ``depth``."""
+    return statement_end(text, depth, want_depth=True)
+
+
+def statement_end(text: str, depth: int = 0, want_depth: bool = False) -> int:
+    """Index of the newline that ends the statement ``text`` continues (``depth`` brackets
+    already open), or ``len(text)`` when none does: a newline inside brackets continues the
+    statement, as Python reads it. Quotes and ``#`` comments are skipped (a string or comment
+    ends at the newline; triple quotes are not tracked: completions are statements, not
+    docstrings). ``want_depth``: return the depth at the end of ``text`` instead."""
+    quote = None
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if quote:
+            if ch == "\\":
+                i += 1
+            elif ch == quote or ch == "\n":
+                quote = None
+                if ch == "\n" and depth <= 0 and not want_depth:
+                    return i
+        elif ch == "#":
+            nl = text.find("\n", i)
+            if nl < 0:
+                break
+            i = nl
+            continue
+        elif ch in "'\"":
+            quote = ch
+        elif ch in _OPEN:
+            depth += 1
+        elif ch in _CLOSE:
+            depth -= 1
+        elif ch == "\n" and depth <= 0 and not want_depth:
+            return i
+        i += 1
+    return depth if want_depth else len(text)
+
+
+def _token_brackets(tokenizer):
+    """Per vocabulary id: the bracket balance of its text (opens - closes), for the decoding
+    loop's cheap estimate of when a newline ends the statement (``statement_end`` decides)."""
+    import torch
+
+    cache = getattr(tokenizer, "_apiupdate_brackets", None)
+    if cache is None:
+        vocab = tokenizer.get_vocab()
+        size = max(max(vocab.values()) + 1, len(tokenizer))
+        cache = torch.zeros(size, dtype=torch.long)
+        for t, i in vocab.items():
+            s = tokenizer.convert_tokens_to_string([t])
+            cache[i] = sum(s.count(c) for c in _OPEN) - sum(s.count(c) for c in _CLOSE)
+        tokenizer._apiupdate_brackets = cache
+    return cache
 
 
 def _newline_ids(tokenizer) -> torch.Tensor:
@@ -86,8 +152,13 @@ def encode(tokenizer, text: str) -> list[int]:
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS,
-             batch_size: int = 96) -> list[str]:
-    """Greedy one-line completions, batched by similar length (left padding), KV-cached.
+             batch_size: int = 96, heads: list[str] | None = None) -> list[str]:
+    """Greedy completions of one statement, batched by similar length (left padding), KV-cached.
+
+    ``heads``: per prompt, the start of the statement (``Context.head``), tokenized apart from
+    the prompt as the whole line would be; the result is what follows it. A row stops at a
+    newline token once its brackets (counted from the head on) are balanced, or at EOS; the text
+    is then cut at :func:`statement_end`.
 
     A hand-rolled loop rather than ``model.generate``: on the testbed its per-step overhead
     dominated (5.5 s for the 570 prompts vs ~1.5 s here), and rows stop at the first newline
@@ -98,12 +169,16 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW
     import torch
 
     device = next(model.parameters()).device
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    encoded = [bos + encode(tokenizer, p) for p in prompts]
+    bos = start_ids(tokenizer)
+    heads = heads or [""] * len(prompts)
+    encoded = [bos + encode(tokenizer, p) + (encode(tokenizer, h) if h else []) for p, h in zip(prompts, heads)]
+    depth0 = [bracket_depth(h) for h in heads]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list[str] = [""] * len(prompts)
     pad = tokenizer.pad_token_id
-    stop = torch.cat([_newline_ids(tokenizer), torch.tensor([tokenizer.eos_token_id])]).to(device)
+    newline = _newline_ids(tokenizer).to(device)
+    eos = torch.tensor([tokenizer.eos_token_id], device=device)
+    brackets = _token_brackets(tokenizer).to(device)
     was_training = model.training
     model.eval()
     with torch.inference_mode():
@@ -118,6 +193,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW
             ids, mask = ids.to(device), mask.to(device)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             rows = torch.arange(len(idx), device=device)  # which row of `idx` each batch row is
+            depth = torch.tensor([depth0[i] for i in idx], device=device)
             steps = []  # (rows, next tokens) per step
             cache = None  # transformers 5 names the KV cache `cache` (was past_key_values)
             step_ids, step_pos = ids, pos
@@ -127,13 +203,15 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW
                 cache = o.cache
                 nxt = o.logits[:, -1, :].argmax(-1)
                 steps.append((rows, nxt))
-                live = ~torch.isin(nxt, stop)
+                depth = depth + brackets[nxt]
+                live = ~(torch.isin(nxt, eos) | (torch.isin(nxt, newline) & (depth <= 0)))
                 if not bool(live.any()):
                     break
                 if not bool(live.all()):  # drop finished rows from the batch and its cache
                     keep = live.nonzero()[:, 0]
                     cache.batch_select_indices(keep)
                     rows, nxt, mask, step_pos = rows[keep], nxt[keep], mask[keep], step_pos[keep]
+                    depth = depth[keep]
                 step_ids = nxt[:, None]
                 step_pos = step_pos[:, -1:] + 1
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -142,7 +220,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW
                 for row, tok in zip(r.tolist(), t.tolist()):
                     gen[row].append(tok)
             for row, i in enumerate(idx):
-                out[i] = first_line(tokenizer.decode(gen[row], skip_special_tokens=True))
+                text = tokenizer.decode(gen[row], skip_special_tokens=True)
+                out[i] = text[: statement_end(text, depth0[i])]
     if was_training:
         model.train()
     return out
@@ -186,18 +265,23 @@ def _trunk(model):
 
 
 def _clean_stop_ids(tokenizer) -> set[int]:
-    """Stop tokens that end a completion with nothing before their newline (or EOS)."""
+    """Stop tokens that end a completion with nothing before their newline (or EOS). Not those
+    that open a bracket after it (``"\n("``): :func:`generate` counts a token's brackets before
+    it decides, so such a token continues the statement."""
+    brackets = _token_brackets(tokenizer)
     stops = {int(i) for i in _newline_ids(tokenizer)
-             if tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(int(i))]).startswith("\n")}
+             if tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(int(i))]).startswith("\n")
+             and int(brackets[int(i)]) <= 0}
     return stops | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
 
 def score_lines(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 96,
-                max_new_tokens: int = MAX_NEW_TOKENS, start_states=None) -> list[tuple[float, bool]]:
+                max_new_tokens: int = MAX_NEW_TOKENS, start_states=None,
+                heads: list[str] | None = None) -> list[tuple[float, bool]]:
     """For each (prompt, line), teacher forced in one batched pass: the summed log-probability
     of the line's tokens after the prompt (prompt and line tokenized apart, as in pretraining
     and generation), and whether :func:`generate` provably completes the prompt with exactly
-    this line.
+    this line. ``heads``: as in :func:`generate` (the line is then what follows the head).
 
     The proof: greedy decoding emits the line's tokens iff each is the argmax after the ones
     before it, and then stops with nothing more on the line iff the next argmax is a stop token
@@ -219,12 +303,15 @@ def score_lines(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int 
     device = next(model.parameters()).device
     trunk = _trunk(model)
     stops = torch.tensor(sorted(_clean_stop_ids(tokenizer)), dtype=torch.long, device=device)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = start_ids(tokenizer)
+    heads = heads or [""] * len(pairs)
     enc, checkable = [], []
-    for prompt, line in pairs:
+    for (prompt, line), head in zip(pairs, heads):
         c = encode(tokenizer, line)
-        enc.append((bos + encode(tokenizer, prompt), c))
+        enc.append((bos + encode(tokenizer, prompt) + (encode(tokenizer, head) if head else []), c))
+        # decoding stops after the line only where its brackets close (statement_end)
         checkable.append(trunk is not None and "\n" not in line and len(c) <= max_new_tokens
+                         and (bracket_depth(line, bracket_depth(head)) <= 0 or len(c) == max_new_tokens)
                          and tokenizer.decode(c, skip_special_tokens=True) == line)
     start = start_states([p + c for p, c in enc]) if trunk is not None and start_states is not None else None
     order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))
@@ -296,7 +383,8 @@ def soft_generalization(model, tokenizer, migrations) -> float:
     ctxs = [c for m in migrations for c in m.probe_contexts]
     if not ctxs:
         return 0.0
-    lp = line_logprobs(model, tokenizer, [(c.prompt, c.new) for c in ctxs] + [(c.prompt, c.old) for c in ctxs])
+    pairs = [(c.prompt, c.new[len(c.head):]) for c in ctxs] + [(c.prompt, c.old[len(c.head):]) for c in ctxs]
+    lp = [x for x, _ in score_lines(model, tokenizer, pairs, heads=[c.head for c in ctxs] * 2)]
     return _soft(lp[: len(ctxs)], lp[len(ctxs) :])
 
 
@@ -326,7 +414,9 @@ def evaluate(model, tokenizer, migrations, locality, base_locality: list[str] | 
         items += [("probe", m, c) for c in m.probe_contexts]
     items += [("locality", s, None) for s in locality]
     prompts = [(c.prompt if c is not None else s.prompt) for _, s, c in items]
-    expected: list[str | None] = [c.new if c is not None else None for _, _, c in items]
+    # the start of the statement the prompt already holds; the completion is what follows it
+    heads = [(c.head if c is not None else "") for _, _, c in items]
+    expected: list[str | None] = [c.new[len(c.head):] if c is not None else None for _, _, c in items]
     if base_locality is not None:
         expected[len(expected) - len(locality):] = base_locality
     checks = [i for i, e in enumerate(expected) if e is not None]
@@ -334,9 +424,10 @@ def evaluate(model, tokenizer, migrations, locality, base_locality: list[str] | 
     # soft_generalization, and a context proven to be completed with the old line (an untrained
     # or stalled model: most of them) need not be decoded either
     olds = [i for i, (kind, _, _) in enumerate(items) if kind != "locality"]
+    scored = checks + olds
     scores = score_lines(model, tokenizer, [(prompts[i], expected[i]) for i in checks]
-                         + [(prompts[i], items[i][2].old) for i in olds], batch_size, max_new_tokens,
-                         start_states)
+                         + [(prompts[i], items[i][2].old[len(heads[i]):]) for i in olds], batch_size, max_new_tokens,
+                         start_states, heads=[heads[i] for i in scored])
     completions: list[str | None] = [None] * len(items)
     new_lp, old_lp = {}, {}
     for i, (lp, verified) in zip(checks, scores):
@@ -346,10 +437,13 @@ def evaluate(model, tokenizer, migrations, locality, base_locality: list[str] | 
     for i, (lp, verified) in zip(olds, scores[len(checks):]):
         old_lp[i] = lp
         if verified and completions[i] is None:
-            completions[i] = items[i][2].old
+            completions[i] = items[i][2].old[len(heads[i]):]
     todo = [i for i, c in enumerate(completions) if c is None]
-    for i, comp in zip(todo, generate(model, tokenizer, [prompts[i] for i in todo], max_new_tokens, batch_size)):
+    for i, comp in zip(todo, generate(model, tokenizer, [prompts[i] for i in todo], max_new_tokens, batch_size,
+                                      heads=[heads[i] for i in todo])):
         completions[i] = comp
+    # judged: the whole statement, the shared head included
+    completions = [h + c for h, c in zip(heads, completions)]
 
     preds: list[Prediction] = []
     rows: dict[str, list] = {"train": [], "probe": []}
