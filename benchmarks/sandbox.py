@@ -8,7 +8,9 @@ the floor that no sandbox can beat. Run from the repo root:
     python benchmarks/sandbox.py --json
 
 With ``--json`` the last line is one JSON object, e.g.
-{"calls_per_second": 45.1, "calls_per_second_parallel2": 57.3, "backend": "bwrap", ...}.
+{"calls_per_second": 45.1, "calls_per_second_parallel2": 57.3, "backend": "bwrap",
+"containment": "bwrap; processes bounded by: uid", ...}. ``APIUPDATE_SANDBOX_CGROUP=0`` /
+``APIUPDATE_SANDBOX_BACKENDS`` (trainables/sandbox.py) measure another machine's containment.
 
 GRPO reward throughput (``--reward-steps N``, 0 skips it): N simulated GRPO steps of 8 prompts x
 8 completions from data/ (the migrated line, the old line, a novel variant of the migrated line,
@@ -30,7 +32,7 @@ import subprocess  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
-from trainables.sandbox import BACKENDS, detect_backend, run_code  # noqa: E402
+from trainables.sandbox import BACKENDS, containment, detect_backend, run_code  # noqa: E402
 
 PROGRAM = "print(1)"
 
@@ -39,7 +41,8 @@ def sandbox_rate(calls: int, threads: int, backend: str) -> float:
     """Calls per second of ``run_code(PROGRAM)``; every call must succeed."""
 
     def one(_: int) -> None:
-        outcome = run_code(PROGRAM, backend=backend)  # type: ignore[arg-type]
+        # weak containment allowed: a trusted program, and --backend may name a weak one
+        outcome = run_code(PROGRAM, backend=backend, allow_weak=True)  # type: ignore[arg-type]
         if outcome.status != "ok" or outcome.stdout != "1\n":
             raise RuntimeError(f"sandbox call failed: {outcome}")
 
@@ -116,6 +119,7 @@ def main() -> None:
         "calls_per_second": round(sandbox_rate(args.calls, 1, backend), 1),
         "calls_per_second_parallel2": round(sandbox_rate(args.calls, 2, backend), 1),
         "backend": backend,
+        "containment": containment(backend).summary(),  # type: ignore[arg-type]
         "python_calls_per_second": round(interpreter_rate(args.calls // 2, []), 1),
         "python_IS_calls_per_second": round(interpreter_rate(args.calls // 2, ["-I", "-S"]), 1),
         "calls": args.calls,

@@ -2,8 +2,9 @@
 
 Each call gets a fresh temporary folder, a wall-clock timeout, rlimits (address space, CPU
 seconds, processes, file size, open files, no core files), no network, a scrubbed environment,
-a bounded tail of stdout and stderr, and, when the program ends, the death of every process it
-started. Containment comes from the first backend that works on this machine, found once:
+a bounded tail of stdout and stderr, a bounded number of processes and, when the program ends,
+the death of every process it started. ``python -m trainables.sandbox --check`` prints what
+this machine gets. Containment comes from the first backend that works here, found once:
 
 - ``bwrap`` (bubblewrap; ``apt-get install -y bubblewrap``): read-only root, private ``/tmp``,
   ``/dev`` and ``/proc``, the caller's home hidden, new network, PID, IPC and UTS namespaces.
@@ -13,20 +14,40 @@ started. Containment comes from the first backend that works on this machine, fo
   file permissions allow; an audit hook refuses Python-level writes outside the folder.
 - ``rlimits``: no namespaces; the audit hook also refuses sockets, which code run through
   ``ctypes`` or a child process can get around. Leftover children are killed by their
-  process group and, when the sandbox has its own uid, by that uid.
+  process group, their pids cgroup and, when the sandbox has its own uid, by that uid.
 
-Process limits: the kernel ignores ``RLIMIT_NPROC`` for uid 0 (DESIGN.md section 5: a
-plain-rlimits sandbox run as root let a bounded fork bomb reach 2,000 live processes), so a
-program never runs as the caller's uid 0. As root, the program drops to a uid of its own
-(``_UID_BASE`` + pid and call counter, so concurrent sandboxes do not share a budget);
-under ``bwrap`` it keeps only CAP_SETUID/CAP_SETGID until that drop, and the caller's home is
-covered with an empty tmpfs and the interpreter's folders bound back read-only, because a
-pyenv interpreter under ``/root`` (mode 0700) is otherwise out of the dropped uid's reach.
-The weaker backends drop the uid only where the interpreter is reachable by other users.
-As a non-root caller nothing can switch uids, so ``bwrap`` and ``unshare`` open a user
-namespace, where the kernel counts ``RLIMIT_NPROC`` per (namespace, uid): the limit set inside
-counts the sandbox's own processes only, not the caller's others. Under ``rlimits`` as
-non-root the limit is the caller's current task count plus ``max_processes``.
+Where the interpreter lives. ``--tmpfs /tmp`` hides an interpreter installed under ``/tmp``
+(a virtual environment there made the bwrap probe fail with ``execvp .../bin/python: No such
+file or directory``), and a folder without o+x on the way (``/root`` is 0700, so are many
+homes) keeps a dropped uid out of a conda or pyenv interpreter. So under bwrap ``/tmp``, the
+caller's home and every such folder are covered with an empty tmpfs, and the interpreter's
+folders (``sys.prefix``, ``sys.base_prefix``, the real executable's folder, every ``sys.path``
+entry) are bound back read-only at their own paths, with the folders leading to them made
+0755 (``--dir``; bwrap itself creates missing parents of a mount point as 0700).
+
+Process count: never unbounded, on any backend, root or not. The kernel ignores
+``RLIMIT_NPROC`` for uid 0 (a plain-rlimits sandbox run as root let a bounded fork bomb reach
+2,000 live processes), so the count is bounded by the first of these that applies:
+
+- a uid: as root, the program drops to a uid of its own (``_UID_BASE`` + pid and call counter,
+  so concurrent sandboxes do not share a budget) where the interpreter's files are readable
+  by other uids (under bwrap: once bound back; bwrap keeps only CAP_SETUID/CAP_SETGID until
+  that drop); as a non-root caller under ``bwrap`` / ``unshare`` a user namespace, where the
+  kernel counts ``RLIMIT_NPROC`` per (namespace, uid): the sandbox's own processes only; under
+  ``rlimits`` as non-root the caller's current task count plus ``max_processes``.
+- a pids cgroup of its own per call (``pids.max``), where one can be made (cgroup v1's pids
+  hierarchy, or a cgroup v2 folder whose ``cgroup.subtree_control`` has ``pids``; usually as
+  root only). The launching shell moves itself into it before it execs the backend, so
+  nothing forks outside it; it also finds every leftover for the final kill. Not used where a
+  uid applies: the move costs a call ~3-25 ms.
+- a count the supervisor enforces, where neither applies but the backend has a PID namespace:
+  every ``_POLL_S`` it counts the namespace's processes and kills all of them when there are
+  too many (a burst between two counts can briefly exceed the limit).
+
+Where none applies (``rlimits`` as root with no writable cgroup and an interpreter other uids
+cannot read) ``run_code`` raises :class:`SandboxUnavailable` (one line: what to install or
+allow) unless weaker containment is allowed explicitly (``allow_weak=True``, or
+:func:`allow_weak_containment` for the whole process, as ``--allow-weak-sandbox`` does).
 
 Speed (``python benchmarks/sandbox.py --json``; 2 cores shared with other work, root,
 bwrap 0.8): ``print(1)`` runs 17-37 calls/s sequentially and 31-44 calls/s from two threads,
@@ -41,6 +62,10 @@ site-packages importable (``import numpy, pandas`` works) because the sandbox se
 pool: pre-started sandboxes would hide the ~25 ms start latency, but the start's CPU is the
 limit on two busy cores, so callers that need throughput should call from a few threads.
 
+Environment knobs (for emulating another machine, or for an operator who wants less):
+``APIUPDATE_SANDBOX_BACKENDS`` (comma-separated subset of ``bwrap,unshare,rlimits`` that
+detection may pick) and ``APIUPDATE_SANDBOX_CGROUP=0`` (never make pids cgroups).
+
 Needs Linux >= 5.3 (pidfds watch the program's exit without a pid-reuse race) and, for a
 prompt teardown on timeout, /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN).
 """
@@ -48,11 +73,13 @@ prompt teardown on timeout, /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN).
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import itertools
 import json
 import math
 import os
+import secrets
 import select
 import selectors
 import shutil
@@ -76,6 +103,7 @@ _IS_ROOT = os.geteuid() == 0
 # 100000); the low 24 bits are (pid & 0xFFFF) << 8 | call counter & 0xFF.
 _UID_BASE = 0x40000000
 _call_counter = itertools.count()
+_cgroup_counter = itertools.count()
 _DETECT_LOCK = threading.Lock()
 # Generated programs write small files (CSV, JSON); 64 MiB bounds a runaway writer on disk.
 _MAX_FILE_BYTES = 64 << 20
@@ -84,10 +112,20 @@ _MAX_OPEN_FILES = 256
 _EXIT_GRACE_S = 0.2
 # After killing a namespace's init on timeout, how long the kernel may take to reap the rest.
 _TEARDOWN_S = 5.0
+# The supervisor's count interval where nothing else bounds the processes.
+_POLL_S = 0.005
 _READ_CHUNK = 1 << 16
 # Last stderr line of a program that ran out of address space (Python, NumPy, C++, glibc).
 _MEMORY_MARKERS = ("MemoryError", "Cannot allocate memory", "std::bad_alloc", "out of memory")
 _PYTHON_FLAGS = ("-I", "-S", "-B", "-X", "utf8")
+# Processes of the containment itself inside the count: the launching process (bwrap's or
+# unshare's monitor, or the interpreter itself) and bwrap's init (PID 1 of its namespace).
+_OVERHEAD = {"bwrap": 2, "unshare": 1, "rlimits": 0}
+_SH = "/bin/sh"
+# Moves the launching shell into the call's cgroup before anything forks, then becomes the
+# backend: every process of the call is born inside the cgroup. A failed write stops here.
+_ENTER_CGROUP = 'echo $$ > "$0" && exec "$@"'
+_ALLOW_WEAK = False
 
 # Runs inside the sandbox as `python -I -S -c`, before the program: rlimits, the uid drop, the
 # audit hook of the weaker backends, then the program as __main__ in the same process (one
@@ -150,13 +188,26 @@ exec(code, main.__dict__)
 """
 
 
+class SandboxUnavailable(RuntimeError):
+    """Nothing on this machine bounds the program's processes, and weaker containment was not
+    allowed explicitly. The message is one line naming what to install or allow."""
+
+
+def allow_weak_containment(allow: bool = True) -> None:
+    """Let every later call of this process run where nothing bounds the number of processes
+    (what ``--allow-weak-sandbox`` asks for); ``run_code(allow_weak=...)`` overrides it."""
+    global _ALLOW_WEAK
+    _ALLOW_WEAK = bool(allow)
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What a sandboxed program did.
 
     status: "ok" (exit 0), "error" (non-zero exit), "timeout" (wall clock exceeded, the whole
     sandbox killed), "memory" (MemoryError or allocation failure under the address-space
-    limit), "killed" (ended by a signal, e.g. SIGXCPU / SIGKILL from the CPU-time limit).
+    limit), "killed" (ended by a signal, e.g. SIGXCPU / SIGKILL from the CPU-time limit, or
+    by the supervisor for too many processes).
     returncode: exit status, negative signal number when killed, None on timeout.
     stdout / stderr: the last ``max_output`` bytes of each, decoded as UTF-8 (bad bytes
     replaced). seconds: wall time of the whole call.
@@ -178,9 +229,19 @@ class _Interpreter:
     """How the sandboxed interpreter is laid out, computed once from the host's."""
 
     sys_path: tuple[str, ...]  # `python -I`'s sys.path on the host, given to `-S` runs
-    hidden: tuple[str, ...]  # covered by an empty tmpfs under bwrap (home, private folders)
+    hidden: tuple[str, ...]  # covered by an empty tmpfs under bwrap (/tmp, home, 0700 folders)
     exposed: tuple[str, ...]  # interpreter folders under `hidden`, bound back read-only
-    reachable: bool  # every interpreter folder is searchable by any uid
+    folders: tuple[str, ...]  # every folder the interpreter needs
+    reachable: bool  # any uid can reach and read them as they lie (no bind mounts needed)
+    readable: bool  # any uid can read them once bound back (their own modes allow it)
+
+
+@dataclass(frozen=True)
+class _CgroupRoot:
+    """A folder where this process can make pids cgroups."""
+
+    path: str
+    version: int  # 1 (the v1 pids hierarchy) or 2 (unified)
 
 
 @dataclass(frozen=True)
@@ -190,6 +251,36 @@ class _Plan:
     backend: Backend
     drop_uid: bool  # root only: run the program as a uid of its own
     guard: str  # audit hook: "" none, "fs" refuse writes outside, "fs+net" also sockets
+    cgroup: _CgroupRoot | None  # a pids cgroup per call is made here
+    bounds: tuple[str, ...]  # what bounds the process count: "cgroup", "uid", "supervisor"
+
+
+@dataclass(frozen=True)
+class Containment:
+    """What a backend contains on this machine (``python -m trainables.sandbox --check``).
+
+    lines: (aspect, what the sandbox does), for network, filesystem, processes, uid, memory,
+    leftovers, environment and output. weaknesses: what is weaker than bwrap with a bounded
+    process count. refusal: why ``run_code`` refuses to run (without ``allow_weak``), or None.
+    """
+
+    backend: Backend
+    bounds: tuple[str, ...]
+    lines: tuple[tuple[str, str], ...]
+    weaknesses: tuple[str, ...]
+    refusal: str | None
+
+    @property
+    def fail_closed(self) -> bool:
+        """Every line is enforced by the kernel and the process count is bounded."""
+        return not self.weaknesses and self.refusal is None
+
+    def summary(self) -> str:
+        """One line, e.g. ``bwrap; processes bounded by: cgroup, uid``."""
+        bounds = ", ".join(self.bounds) if self.bounds else "nothing"
+        weak = "" if self.fail_closed else "; weak: " + "; ".join(
+            (["processes not bounded"] if self.refusal else []) + list(self.weaknesses))
+        return f"{self.backend}; processes bounded by: {bounds}{weak}"[:490]
 
 
 class _Tail:
@@ -222,6 +313,14 @@ def _searchable_by_others(path: str) -> bool:
     return True
 
 
+def _open_to_others(folder: str) -> bool:
+    """Whether any uid may list and enter ``folder`` itself (o+rx), whatever its parents."""
+    try:
+        return os.stat(folder).st_mode & 0o005 == 0o005
+    except OSError:
+        return False
+
+
 def _inside(path: str, folders: tuple[str, ...] | list[str]) -> bool:
     """Whether ``path`` is one of ``folders`` or below one of them."""
     return any(path == f or path.startswith(f.rstrip(os.sep) + os.sep) for f in folders)
@@ -243,15 +342,19 @@ def _interpreter() -> _Interpreter:
         capture_output=True, text=True, check=True, env={"PATH": os.defpath},
     )
     sys_path = tuple(p for p in probe.stdout.splitlines() if p and os.path.exists(p))
+    real_exe = os.path.realpath(sys.executable)
     folders = {
-        *(p if os.path.isdir(p) else os.path.dirname(p) for p in sys_path),
-        sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-        os.path.dirname(sys.executable), os.path.dirname(os.path.realpath(sys.executable)),
+        os.path.abspath(f) for f in (
+            *(p if os.path.isdir(p) else os.path.dirname(p) for p in sys_path),
+            sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+            os.path.dirname(sys.executable), os.path.dirname(real_exe),
+        )
     }
-    hidden = set()
+    # bwrap mounts an empty tmpfs on /tmp: a virtual environment there must be bound back.
+    hidden = {"/tmp"}
     home = os.path.expanduser("~")
     if home != "/" and os.path.isdir(home):
-        hidden.add(home)
+        hidden.add(os.path.abspath(home))
     for folder in folders:
         for parent in reversed(Path(folder).parents):  # from / downwards
             if str(parent) != "/" and not parent.stat().st_mode & 0o001:
@@ -259,19 +362,179 @@ def _interpreter() -> _Interpreter:
                 break
     hidden_top = _topmost(hidden)
     exposed = {f for f in folders if _inside(f, hidden_top)}
+    stdlib_os = os.path.join(os.path.dirname(os.__file__), "os.py")
+    readable = (
+        all(_open_to_others(f) for f in folders)
+        and os.stat(real_exe).st_mode & 0o001 != 0
+        and (not os.path.exists(stdlib_os) or os.stat(stdlib_os).st_mode & 0o004 != 0)
+    )
+    reachable = readable and all(
+        _searchable_by_others(f) for f in (*folders, tempfile.gettempdir()))
     return _Interpreter(
         sys_path=sys_path, hidden=hidden_top, exposed=_topmost(exposed),
-        reachable=all(_searchable_by_others(f) for f in folders),
+        folders=tuple(sorted(folders)), reachable=reachable, readable=readable,
     )
 
 
+# --------------------------------------------------------------------------- pids cgroups
+def _cgroup_candidates() -> list[_CgroupRoot]:
+    """Folders that could hold per-call pids cgroups: this process's own cgroup (and, for
+    v2, the hierarchy's root, which may hold processes and children at once)."""
+    try:
+        own_lines = Path("/proc/self/cgroup").read_text().splitlines()
+        mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    own = {}  # controllers ("" for v2) -> path inside that hierarchy
+    for line in own_lines:
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            own[parts[1]] = parts[2]
+    found: list[_CgroupRoot] = []
+    for line in mounts:
+        left, _, right = line.partition(" - ")
+        fields, rest = left.split(), right.split()
+        if len(fields) < 5 or len(rest) < 3:
+            continue
+        root, mountpoint, fstype, options = fields[3], fields[4], rest[0], rest[2].split(",")
+        if fstype == "cgroup2":
+            path, version = own.get(""), 2
+        elif fstype == "cgroup" and "pids" in options:
+            path = next((p for c, p in own.items() if "pids" in c.split(",")), None)
+            version = 1
+        else:
+            continue
+        if path is None or not (root == "/" or path == root or path.startswith(root + "/")):
+            continue
+        relative = path[len(root):] if root != "/" else path
+        folder = os.path.normpath(os.path.join(mountpoint, relative.lstrip("/")))
+        candidates = [folder]
+        if version == 2 and folder != mountpoint:
+            candidates.append(mountpoint)
+        for c in candidates:
+            if version == 2:
+                try:
+                    if "pids" not in Path(c, "cgroup.subtree_control").read_text().split():
+                        continue
+                except OSError:
+                    continue
+            found.append(_CgroupRoot(c, version))
+    return found
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@functools.cache
+def _cgroup_root() -> _CgroupRoot | None:
+    """Where per-call pids cgroups can be made, tried once (None: nowhere; the other bounds
+    apply). Empty cgroups left by callers that died are removed on the way."""
+    if os.environ.get("APIUPDATE_SANDBOX_CGROUP", "1") == "0" or not os.access(_SH, os.X_OK):
+        return None
+    for candidate in _cgroup_candidates():
+        try:
+            for entry in os.scandir(candidate.path):
+                parts = entry.name.split("-")
+                if len(parts) == 4 and parts[0] == "sandbox" and parts[1].isdigit() and (
+                        not _pid_alive(int(parts[1]))):
+                    try:
+                        os.rmdir(entry.path)
+                    except OSError:
+                        pass
+            probe = _cgroup_create(candidate, 8)
+        except OSError:
+            continue
+        _cgroup_remove(probe)
+        return candidate
+    return None
+
+
+def _cgroup_create(root: _CgroupRoot, limit: int) -> str:
+    """A new pids cgroup under ``root`` allowing ``limit`` tasks (processes and threads)."""
+    path = os.path.join(
+        root.path, f"sandbox-{os.getpid()}-{next(_cgroup_counter)}-{secrets.token_hex(4)}")
+    os.mkdir(path)
+    try:
+        with open(os.path.join(path, "pids.max"), "w") as f:
+            f.write(str(limit))
+    except OSError:
+        os.rmdir(path)
+        raise
+    return path
+
+
+def _cgroup_kill(path: str, version: int) -> None:
+    """SIGKILL everything in a call's cgroup (cgroup.kill on v2 where the kernel has it),
+    through pidfds of processes checked to be members, so a reused pid is not hit."""
+    if version == 2 and os.path.exists(os.path.join(path, "cgroup.kill")):
+        try:
+            with open(os.path.join(path, "cgroup.kill"), "w") as f:
+                f.write("1")
+            return
+        except OSError:
+            pass
+    name = os.path.basename(path)
+    for _ in range(200):
+        try:
+            pids = Path(path, "cgroup.procs").read_text().split()
+        except OSError:
+            return
+        if not pids:
+            return
+        for pid in map(int, pids):
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            try:
+                if name in Path(f"/proc/{pid}/cgroup").read_text():
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        time.sleep(0.001)
+
+
+def _cgroup_remove(path: str) -> None:
+    """rmdir a call's cgroup once the kernel has let go of its last (killed) task."""
+    for _ in range(400):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                return
+            time.sleep(0.005)
+
+
+# --------------------------------------------------------------------------- plans
 def _plan(backend: Backend) -> _Plan:
-    reachable = _interpreter().reachable
-    if backend == "bwrap":
-        return _Plan(backend, drop_uid=_IS_ROOT, guard="")
-    if backend == "unshare":
-        return _Plan(backend, drop_uid=_IS_ROOT and reachable, guard="fs")
-    return _Plan(backend, drop_uid=_IS_ROOT and reachable, guard="fs+net")
+    interp = _interpreter()
+    if backend == "bwrap":  # the interpreter's folders are bound back at 0755 parents
+        drop_uid, guard = _IS_ROOT and interp.readable, ""
+    elif backend == "unshare":
+        drop_uid, guard = _IS_ROOT and interp.reachable, "fs"
+    else:
+        drop_uid, guard = _IS_ROOT and interp.reachable, "fs+net"
+    # A uid bounds the count for free; moving the launcher into a pids cgroup costs ~3-25 ms a
+    # call here (the migration waits for an RCU grace period): 19 -> 44 ms a call for print(1).
+    bounds = ["uid"] if drop_uid or not _IS_ROOT else []
+    cgroup = None if bounds else _cgroup_root()
+    if cgroup is not None:
+        bounds.append("cgroup")
+    if not bounds and backend != "rlimits":  # a PID namespace the supervisor can count
+        bounds.append("supervisor")
+    return _Plan(backend, drop_uid, guard, cgroup, tuple(bounds))
 
 
 @functools.cache
@@ -291,35 +554,43 @@ def _bwrap_has_size() -> bool:
     return "--size" in result.stdout
 
 
+def _bind(option: str, folder: str, hidden: tuple[str, ...], made: set[str]) -> list[str]:
+    """bwrap arguments binding ``folder`` at its own path. Parents inside a hidden folder are
+    made with --dir first: bwrap would create them with mode 0700, out of a dropped uid's
+    reach."""
+    args: list[str] = []
+    for parent in reversed(Path(folder).parents):
+        p = str(parent)
+        if _inside(p, hidden) and p not in hidden and p not in made:
+            args += ["--dir", p]
+            made.add(p)
+    return [*args, option, folder, folder]
+
+
 def _prefix(plan: _Plan, workdir: str, memory_bytes: int) -> list[str]:
     """The containment command placed before the interpreter."""
     if plan.backend == "bwrap":
         interp = _interpreter()
         cmd = [_tool("bwrap"), "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-        if _bwrap_has_size():  # a world-writable /tmp; tmpfs pages escape RLIMIT_AS, so cap it
-            cmd += ["--perms", "1777", "--size", str(memory_bytes)]
-        cmd += ["--tmpfs", "/tmp"]
         for folder in interp.hidden:
+            if folder == "/tmp" and _bwrap_has_size():
+                # a world-writable /tmp; tmpfs pages escape RLIMIT_AS, so cap it
+                cmd += ["--perms", "1777", "--size", str(memory_bytes)]
             cmd += ["--tmpfs", folder]
+        made: set[str] = set()
         for folder in interp.exposed:
-            # bwrap would create the missing parents of a mount point with mode 0700, out of
-            # the dropped uid's reach; --dir makes them 0755.
-            parents = [
-                p for p in Path(folder).parents
-                if _inside(str(p), interp.hidden) and str(p) not in interp.hidden
-            ]
-            for parent in reversed(parents):
-                cmd += ["--dir", str(parent)]
-            cmd += ["--ro-bind", folder, folder]
+            cmd += _bind("--ro-bind", folder, interp.hidden, made)
         cmd += [
             # --chdir / : bwrap has no CAP_DAC_OVERRIDE left to enter the sandbox uid's 0700
             # folder; _BOOTSTRAP enters it after the uid drop.
-            "--bind", workdir, workdir, "--chdir", "/",
+            *_bind("--bind", workdir, interp.hidden, made), "--chdir", "/",
             "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
             "--die-with-parent", "--new-session",
         ]
         if _IS_ROOT:  # keep only what the uid drop in _BOOTSTRAP needs
-            cmd += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+            cmd += ["--cap-drop", "ALL"]
+            if plan.drop_uid:
+                cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         else:
             cmd += ["--unshare-user"]
         return [*cmd, "--"]
@@ -332,6 +603,7 @@ def _prefix(plan: _Plan, workdir: str, memory_bytes: int) -> list[str]:
     return []
 
 
+# --------------------------------------------------------------------------- processes
 def _uid_tasks(uid: int) -> list[int]:
     """Pids whose real uid is ``uid``, read from /proc/PID/status (directory ownership is
     root's once a process has changed uid, so stat() would miss them)."""
@@ -359,6 +631,26 @@ def _count_own_tasks() -> int:
             count += len(os.listdir(f"/proc/{pid}/task"))
         except OSError:
             continue
+    return count
+
+
+def _descendants(pid: int) -> int:
+    """Live processes below ``pid``. Inside a PID namespace every process descends from its
+    init (orphans are reparented to it), so none is missed by leaving the session."""
+    count, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                children = Path(f"/proc/{p}/task/{tid}/children").read_text().split()
+            except OSError:
+                continue
+            count += len(children)
+            stack += map(int, children)
     return count
 
 
@@ -448,10 +740,12 @@ def _status(returncode: int | None, stderr: str) -> Status:
 
 def _supervise(
     cmd: list[str], workdir: str, stdin: bytes | None, timeout: float, max_output: int,
-    sandbox_uid: int | None, plan: _Plan,
-) -> tuple[int | None, _Tail, _Tail]:
+    sandbox_uid: int | None, plan: _Plan, cgroup: str | None, max_descendants: int | None,
+) -> tuple[int | None, _Tail, _Tail, bool]:
     """Run ``cmd``, reading both pipes incrementally in this thread until the program exits
     and its pipes close (or the deadline passes), and kill everything it left behind.
+    ``max_descendants``: the supervisor's process count (None: not counted here). Returns the
+    exit status (None on timeout), both tails, and whether the count was exceeded.
 
     The exit is watched through a pidfd, which becomes readable when the leader exits without
     reaping it: the process group can be killed afterwards without a pid-reuse race.
@@ -465,6 +759,7 @@ def _supervise(
     out, err = _Tail(max_output), _Tail(max_output)
     pending = memoryview(stdin or b"")
     exited_at: float | None = None
+    too_many = False
     pidfd = os.pidfd_open(proc.pid)
 
     def kill_all() -> None:
@@ -477,6 +772,8 @@ def _supervise(
             if _kill_children(proc.pid):
                 select.select([pidfd], [], [], _TEARDOWN_S)
         _kill_group(proc)
+        if cgroup is not None and plan.cgroup is not None:
+            _cgroup_kill(cgroup, plan.cgroup.version)
         if sandbox_uid is not None and plan.backend == "rlimits":
             _kill_uid(sandbox_uid)
 
@@ -496,7 +793,13 @@ def _supervise(
                 until = deadline if exited_at is None else exited_at + _EXIT_GRACE_S
                 if now >= until:
                     break
-                for key, _ in sel.select(until - now):
+                wait = until - now
+                if max_descendants is not None and exited_at is None:
+                    if _descendants(proc.pid) > max_descendants:
+                        too_many = True
+                        break
+                    wait = min(wait, _POLL_S)
+                for key, _ in sel.select(wait):
                     if key.data == "exit":
                         exited_at = time.monotonic()
                         sel.unregister(pidfd)
@@ -522,21 +825,29 @@ def _supervise(
     for stream in (proc.stdin, proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
+    if too_many:
+        return -signal.SIGKILL, out, err, True
     if exited_at is None:
-        return None, out, err
+        return None, out, err, False
     if plan.backend == "bwrap" and 128 < returncode < 128 + signal.NSIG:
         returncode = 128 - returncode  # bwrap exits 128 + N when the program died of signal N
-    return returncode, out, err
+    return returncode, out, err, False
 
 
 def _run(
     source: bytes, *, timeout: float, memory_mb: int, max_processes: int, max_output: int,
-    stdin: str | None, backend: Backend | None,
+    stdin: str | None, backend: Backend | None, allow_weak: bool | None,
 ) -> Outcome:
     start = time.monotonic()
     plan = _plan(backend or detect_backend())
+    if not plan.bounds:
+        if not (_ALLOW_WEAK if allow_weak is None else allow_weak):
+            raise SandboxUnavailable(_refusal(plan))
+        if not getattr(_probing, "active", False):
+            _warn_unbounded(plan.backend)
     interp = _interpreter()
     workdir = tempfile.mkdtemp(prefix="sandbox-")
+    cgroup = None
     try:
         program = os.path.join(workdir, "main.py")
         with open(program, "wb") as f:
@@ -559,12 +870,27 @@ def _run(
             "-c", _BOOTSTRAP, program, workdir, limits, ids, plan.guard,
             "\n".join(interp.sys_path),
         ]
-        returncode, out, err = _supervise(
+        if plan.cgroup is not None:
+            try:
+                cgroup = _cgroup_create(plan.cgroup, max_processes + _OVERHEAD[plan.backend])
+            except OSError as e:  # it worked when detected: fail closed rather than run unbounded
+                raise SandboxUnavailable(
+                    f"sandbox: cannot make a pids cgroup in {plan.cgroup.path} any more: {e}"
+                ) from None
+            cmd = [_SH, "-c", _ENTER_CGROUP, os.path.join(cgroup, "cgroup.procs"), *cmd]
+        # The supervisor counts processes below the launcher: bwrap's init and the program's.
+        max_descendants = (
+            max_processes + _OVERHEAD[plan.backend] - 1 if "supervisor" in plan.bounds else None)
+        returncode, out, err, too_many = _supervise(
             cmd, workdir, None if stdin is None else stdin.encode("utf-8"), timeout,
-            max_output, sandbox_uid, plan,
+            max_output, sandbox_uid, plan, cgroup, max_descendants,
         )
     finally:
+        if cgroup is not None:
+            _cgroup_remove(cgroup)
         _remove_tree(workdir)
+    if too_many:
+        err.add(f"\nsandbox: killed: more than {max_processes} processes\n".encode())
     stderr = err.text()
     return Outcome(
         status=_status(returncode, stderr), returncode=returncode, stdout=out.text(),
@@ -573,24 +899,62 @@ def _run(
     )
 
 
+# --------------------------------------------------------------------------- detection
 _PROBE = "import email.mime.text, json; print('ok')"  # stdlib files not loaded at start-up
 _WEAKNESS = {
     "unshare": "the host's files stay writable where permissions allow (only Python-level "
     "writes outside the work folder are refused)",
     "rlimits": "no namespaces: network and file writes are refused only by a Python audit "
-    "hook that ctypes or child processes can bypass, and children that call setsid "
-    "survive unless the sandbox has its own uid",
+    "hook that ctypes or child processes can bypass",
 }
+_INSTALL = "install bubblewrap (apt-get install -y bubblewrap)"
+
+
+def _allowed_backends() -> tuple[Backend, ...]:
+    """BACKENDS, or the subset APIUPDATE_SANDBOX_BACKENDS names (to emulate a machine
+    without bubblewrap, say)."""
+    text = os.environ.get("APIUPDATE_SANDBOX_BACKENDS", "").strip()
+    if not text:
+        return BACKENDS
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        raise ValueError(f"APIUPDATE_SANDBOX_BACKENDS: unknown backend(s) {', '.join(unknown)}; "
+                         f"use {', '.join(BACKENDS)}")
+    return tuple(b for b in BACKENDS if b in names)
+
+
+def _unbounded(plan: _Plan) -> str:
+    return (
+        f"nothing bounds the number of processes here (the {plan.backend!r} backend as root, "
+        "where RLIMIT_NPROC is not enforced; no pids cgroup can be made; the interpreter's "
+        "folders are not readable by other uids)"
+    )
+
+
+def _refusal(plan: _Plan) -> str:
+    """The one line SandboxUnavailable says."""
+    return (
+        f"sandbox: {_unbounded(plan)}; {_INSTALL}, make a pids cgroup writable, or allow "
+        "weaker containment explicitly (--allow-weak-sandbox, allow_weak=True)"
+    )
+
+
+_probing = threading.local()  # .active: _run is probing (a trusted program), not warning
 
 
 def _probe(backend: Backend) -> str | None:
     """Why ``backend`` cannot run a program here, or None when it can."""
     if backend != "rlimits" and shutil.which(backend) is None:
         return f"{backend} is not installed"
-    outcome = _run(
-        _PROBE.encode(), timeout=10.0, memory_mb=512, max_processes=32, max_output=4096,
-        stdin=None, backend=backend,
-    )
+    _probing.active = True
+    try:
+        outcome = _run(
+            _PROBE.encode(), timeout=10.0, memory_mb=512, max_processes=32, max_output=4096,
+            stdin=None, backend=backend, allow_weak=True,
+        )
+    finally:
+        _probing.active = False
     if outcome.status == "ok" and outcome.stdout == "ok\n":
         return None
     return f"{backend} probe {outcome.status}: {outcome.stderr.strip()[-300:]}"
@@ -611,28 +975,133 @@ def detect_backend() -> Backend:
 
 @functools.cache
 def _detect_backend() -> Backend:
-    reasons: list[str] = []
-    for backend in BACKENDS:
+    allowed = _allowed_backends()
+    reasons = [f"{b} excluded by APIUPDATE_SANDBOX_BACKENDS" for b in BACKENDS if b not in allowed]
+    for backend in allowed:
         reason = _probe(backend)
         if reason is None:
-            if reasons:
-                weaker = _WEAKNESS[backend]
-                if _IS_ROOT and not _plan(backend).drop_uid:
-                    weaker += "; the interpreter is not reachable by other uids, so the " \
-                        "program runs as root and RLIMIT_NPROC is not enforced"
+            c = containment(backend)
+            # Where the run will be refused, SandboxUnavailable's line says it all; a run with
+            # weak containment allowed warns in _run.
+            if backend != "bwrap" and c.refusal is None:
                 warnings.warn(
-                    f"sandbox: using the {backend!r} backend ({'; '.join(reasons)}); "
-                    f"containment is weaker: {weaker}. Install bubblewrap "
-                    "(apt-get install -y bubblewrap).", RuntimeWarning, stacklevel=4,
+                    f"sandbox: using the {backend!r} backend ({'; '.join(reasons)}); containment "
+                    f"is weaker: {'; '.join(c.weaknesses)}. {_INSTALL[0].upper()}{_INSTALL[1:]}.",
+                    RuntimeWarning, stacklevel=5,
                 )
             return backend
         reasons.append(reason)
-    raise RuntimeError(f"sandbox: no backend can run Python here: {'; '.join(reasons)}")
+    raise SandboxUnavailable(f"sandbox: no backend can run Python here: {'; '.join(reasons)}")
+
+
+@functools.cache
+def _warn_unbounded(backend: Backend) -> None:
+    """Once per process and backend: a run with nothing bounding its processes, as allowed."""
+    warnings.warn(
+        f"sandbox: {_unbounded(_plan(backend))}; running anyway, as allowed explicitly",
+        RuntimeWarning, stacklevel=5,
+    )
+
+
+def containment(backend: Backend | None = None) -> Containment:
+    """What ``backend`` (default: the detected one) contains on this machine."""
+    backend = backend or detect_backend()
+    plan = _plan(backend)
+    interp = _interpreter()
+    weak: list[str] = []
+    lines: list[tuple[str, str]] = []
+    if backend == "rlimits":
+        lines.append(("network", "sockets refused by a Python audit hook only"))
+        lines.append(("filesystem", "writes outside the work folder refused by a Python audit "
+                                    "hook only"))
+        weak.append(_WEAKNESS["rlimits"])
+    else:
+        lines.append(("network", "a new, empty network namespace (no route to the host's "
+                                 "127.0.0.1 listeners)"))
+        if backend == "bwrap":
+            bound = ", ".join(interp.exposed) or "nothing"
+            lines.append(("filesystem", f"read-only root; private /dev, /proc and /tmp; hidden "
+                                        f"under empty tmpfs: {', '.join(interp.hidden)}; "
+                                        f"bound back read-only: {bound}; writable: the work "
+                                        "folder"))
+        else:
+            lines.append(("filesystem", "host files writable where permissions allow; Python-"
+                                        "level writes outside the work folder refused"))
+            weak.append(_WEAKNESS["unshare"])
+    how = []
+    if plan.cgroup is not None:
+        how.append(f"a pids cgroup per call under {plan.cgroup.path} (v{plan.cgroup.version})")
+    if plan.drop_uid:
+        how.append("RLIMIT_NPROC of a uid of its own")
+    elif not _IS_ROOT:
+        how.append("RLIMIT_NPROC of a user namespace's uid" if backend != "rlimits"
+                   else "RLIMIT_NPROC of the caller's uid (its current tasks + the limit)")
+    if "supervisor" in plan.bounds:
+        how.append(f"the supervisor's count every {_POLL_S * 1000:g} ms (a burst between two "
+                   "counts can briefly exceed it; then everything is killed)")
+    refusal = None if plan.bounds else _refusal(plan)
+    lines.append(("processes", "at most max_processes at once: " + "; ".join(how) if how
+                  else "NOT bounded (root, where RLIMIT_NPROC is not enforced)"))
+    if plan.drop_uid:
+        uid = f"a uid of its own per call (from {_UID_BASE:#x})"
+        uid += ", no capabilities" if backend == "bwrap" else ""
+    elif _IS_ROOT:
+        uid = "root: the interpreter's folders are not readable by other uids"
+        if backend == "bwrap":
+            uid += " (no capabilities, read-only root)"
+        else:
+            weak.append("the program runs as root")
+    else:
+        uid = f"the caller's uid {os.getuid()}" + (
+            " (mapped in a user namespace)" if backend != "rlimits" else "")
+    lines.append(("uid", uid))
+    lines.append(("memory", "RLIMIT_AS of memory_mb per call (also caps the private /tmp)"
+                  if backend == "bwrap" else "RLIMIT_AS of memory_mb per call"))
+    lines.append(("limits", f"RLIMIT_CPU timeout + 1 s; files {_MAX_FILE_BYTES >> 20} MiB each, "
+                            f"{_MAX_OPEN_FILES} open; no core files"))
+    if backend == "rlimits":
+        leftovers = "killed by process group" + (", cgroup" if plan.cgroup else "") + (
+            " and uid" if plan.drop_uid else "")
+        if plan.cgroup is None and not plan.drop_uid:
+            weak.append("children that call setsid survive the call")
+    else:
+        leftovers = "the PID namespace dies with the program (setsid children too)"
+    lines.append(("leftovers", leftovers))
+    lines.append(("environment", "PATH, HOME and TMPDIR (the work folder), LANG, one BLAS "
+                                 "thread: nothing of the caller's"))
+    lines.append(("output", "the last max_output bytes of stdout and of stderr"))
+    return Containment(backend, plan.bounds, tuple(lines), tuple(weak), refusal)
+
+
+def check(backend: Backend | None = None) -> int:
+    """Print which backend runs and what it contains; 0 when containment is fail-closed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            backend = backend or detect_backend()
+        except SandboxUnavailable as e:
+            print(str(e))
+            return 1
+        c = containment(backend)
+    tool = f" ({_tool(backend)})" if backend != "rlimits" else ""
+    print(f"backend: {backend}{tool}; works here: {', '.join(available_backends())}")
+    for aspect, text in c.lines:
+        print(f"  {aspect:<12} {text}")
+    for text in c.weaknesses:
+        print(f"  weak:        {text}")
+    if c.refusal:
+        print(f"refuses to run: {c.refusal}")
+    elif c.fail_closed:
+        print("fail-closed: yes")
+    else:
+        print(f"fail-closed: no (programs run with the weaknesses above; {_INSTALL})")
+    return 0 if c.fail_closed else 1
 
 
 def run_code(
     source: str, *, timeout: float = 5.0, memory_mb: int = 512, max_processes: int = 32,
     max_output: int = 65536, stdin: str | None = None, backend: Backend | None = None,
+    allow_weak: bool | None = None,
 ) -> Outcome:
     """Run a Python program in the sandbox and report what it did.
 
@@ -642,43 +1111,60 @@ def run_code(
     max_output: bytes kept from the end of stdout and of stderr.
     stdin: text fed to the program; None gives it /dev/null.
     backend: None uses ``detect_backend()``; tests and benchmarks name one to compare.
+    allow_weak: run even where nothing bounds the number of processes (None: the process's
+    setting, :func:`allow_weak_containment`; off by default). Without it such a machine
+    raises :class:`SandboxUnavailable`.
     """
     return _run(
         source.encode("utf-8"), timeout=timeout, memory_mb=memory_mb,
         max_processes=max_processes, max_output=max_output, stdin=stdin, backend=backend,
+        allow_weak=allow_weak,
     )
 
 
 def run_file(
     path: str | os.PathLike[str], *, timeout: float = 5.0, memory_mb: int = 512,
     max_processes: int = 32, max_output: int = 65536, stdin: str | None = None,
-    backend: Backend | None = None,
+    backend: Backend | None = None, allow_weak: bool | None = None,
 ) -> Outcome:
     """``run_code`` for a program stored in a file; the sandbox runs a copy of it in its own
     folder, so the program cannot touch the original."""
     return _run(
         Path(path).read_bytes(), timeout=timeout, memory_mb=memory_mb,
         max_processes=max_processes, max_output=max_output, stdin=stdin, backend=backend,
+        allow_weak=allow_weak,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m trainables.sandbox FILE``: print the outcome as one JSON line, exit 0
-    whatever the program did (2 when FILE is missing)."""
+    whatever the program did (2 when FILE is missing, 1 when the sandbox refuses to run).
+    ``--check``: print the backend and what it contains, exit 0 when that is fail-closed."""
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("file", type=Path, help="Python program to run")
+    parser.add_argument("file", type=Path, nargs="?", help="Python program to run")
+    parser.add_argument("--check", action="store_true",
+                        help="print which backend runs and what it contains")
     parser.add_argument("--timeout", type=float, default=5.0, help="wall-clock seconds")
     parser.add_argument("--memory-mb", type=int, default=512, help="address-space limit")
     parser.add_argument("--max-processes", type=int, default=32)
     parser.add_argument("--max-output", type=int, default=65536, help="bytes kept per stream")
+    parser.add_argument("--allow-weak-sandbox", action="store_true",
+                        help="run even where nothing bounds the number of processes")
     args = parser.parse_args(argv)
-    if not args.file.is_file():
+    if args.check:
+        return check()
+    if args.file is None or not args.file.is_file():
         print(f"sandbox: no such file: {args.file}", file=sys.stderr)
         return 2
-    outcome = run_file(
-        args.file, timeout=args.timeout, memory_mb=args.memory_mb,
-        max_processes=args.max_processes, max_output=args.max_output,
-    )
+    try:
+        outcome = run_file(
+            args.file, timeout=args.timeout, memory_mb=args.memory_mb,
+            max_processes=args.max_processes, max_output=args.max_output,
+            allow_weak=args.allow_weak_sandbox,
+        )
+    except SandboxUnavailable as e:
+        print(str(e), file=sys.stderr)
+        return 1
     print(json.dumps(outcome.to_dict()))
     return 0
 
