@@ -1,6 +1,7 @@
 """Reward components on hand-made completions: new API high, old API low, syntax error ->
-format 0, a completion that runs forever -> execution 0 within its timeout, a library that is
-not installed -> execution not measured (None) rather than blamed on the completion."""
+format 0, a completion that runs forever -> execution 0 within its timeout, a prompt whose
+library is not installed -> execution not measured (None) rather than blamed on the completion,
+and a completion that imports something not installed -> execution 0 (its own fault)."""
 from __future__ import annotations
 
 import math
@@ -29,6 +30,8 @@ COMPLETIONS = {
     "syntax": "df = pd.concat([df, row]\n",
     "forever": "while True: pass\n",
     "truncated": "df = pd.concat([df, row], ignore_index=True)",  # no newline: hit the length limit
+    # the right API tokens after an import that fails here: must not dodge execution and tests
+    "uninstalled": "import apiupdate_no_such_module; df = pd.concat([df, row], ignore_index=True)\n",
 }
 
 
@@ -75,7 +78,7 @@ def test_repeated_completions_are_cached_and_batched(scored):
     calls, programs = scorer.sandbox_calls, scorer.programs_run
     assert calls == 2  # the context's prompt/reference/old, then every novel line in one call
     # new and old reuse the context's runs; syntax error not run; truncated = new line
-    assert programs == 3 + 3  # new_variant, wrong_value, forever
+    assert programs == 3 + 4  # new_variant, wrong_value, forever, uninstalled
     again = scorer.score([PANDAS.prompt] * 2, [COMPLETIONS["new"], COMPLETIONS["forever"]], [PANDAS] * 2)
     assert scorer.sandbox_calls == calls and again[0] == rows["new"]
 
@@ -90,7 +93,18 @@ def test_missing_library_is_not_the_completions_fault():
     assert scorer.programs_run == 3  # only the context; completions of an unrunnable prompt do not run
 
 
-def test_uninstalled_import_in_an_installed_context_is_not_blamed():
+def test_an_uninstalled_import_cannot_raise_the_reward(scored):
+    """Were a failed import "not measured", execution and tests would drop out and the
+    combination renormalise over api + format: the line would score 1.0, like the right one."""
+    _, rows, _ = scored
+    row = rows["uninstalled"]
+    assert row["api"] == 1.0 and row["format"] == 1.0  # the right API tokens, and it parses
+    assert row["execution"] == 0.0 and row["tests"] == 0.0
+    assert row["reward"] == pytest.approx((1.0 + 0.25) / 2.75)  # default weights
+    assert row["reward"] < 0.5 < rows["new"]["reward"]
+
+
+def test_run_programs_names_an_uninstalled_import():
     out = run_programs([("import tensorflow\n", ()), ("import pandas.no_such_module\n", ()), ("1/0\n", ())], 2.0)
     assert out[0]["status"] == "error" and out[0]["missing"] == "tensorflow"
     assert out[1]["status"] == "error" and out[1]["missing"] is False  # pandas exists: the line is wrong

@@ -12,12 +12,15 @@ missing; here every component is a function of (prompt, completion, record) retu
   deprecated API -> 1.0; both at once -> 0.5; otherwise 0.0. ``None`` for records without AST
   patterns (ReCode files).
 - ``execution``: ``prompt + line`` runs to the end in the sandbox within ``exec_timeout`` ->
-  1.0; raises or times out -> 0.0. ``None`` when the *prompt alone* does not run here (its
-  library is not installed, e.g. tensorflow, or it needs a file or a GPU): that is not the
-  completion's fault. Likewise ``None`` when the completion fails only because it imports a
-  top-level package that is not installed. Old APIs often really fail on the installed versions
-  (``df.append`` raises AttributeError on pandas 2.x, ``np.float`` on numpy 2.x): that is the
-  execution feedback.
+  1.0; raises or times out -> 0.0. ``None`` when the prompt alone or the reference does not
+  run here (its library is not installed, e.g. tensorflow, or it needs a file or a GPU): that
+  is not the completion's fault. A completion that fails on an import the prompt and the
+  reference did without (``ModuleNotFoundError`` for a package not installed here, real or
+  invented) scores 0.0 like any other failure: were it ``None``, execution and tests would drop
+  out and the rest be renormalised, so prefixing ``import tensorflow;`` to a line with the
+  right API tokens would raise its reward from ~0.45 to 1.0. Old APIs often really fail on the
+  installed versions (``df.append`` raises AttributeError on pandas 2.x, ``np.float`` on
+  numpy 2.x): that is the execution feedback.
 - ``tests``: our migrations carry no unit tests, so the tests are derived from the reference:
   the reference program (``prompt + record.reference``, the migrated line) and the prompt alone
   are run once per context; every top-level name the reference line created or changed is one
@@ -254,7 +257,7 @@ def run_programs(programs: Sequence[tuple[str, tuple[str, ...]]], timeout: float
                  memory_mb: int = SANDBOX_MEMORY_MB) -> list[dict]:
     """Run (program, tests) pairs in ONE sandbox call; one result dict per program:
     status ok / error / timeout, plus fingerprints of the top-level names (ok) or the exception
-    (error, with ``missing`` = an uninstalled top-level package or False)."""
+    (error, with ``missing`` = an uninstalled top-level package or False, for diagnostics)."""
     from trainables.sandbox import run_code
 
     if not programs:
@@ -378,9 +381,7 @@ class RewardScorer:
             run = self._known(rec, line) or self._runs.get((prompt, line, rec.tests))
             if run is None:  # blank or unparsable line: nothing to run
                 out["execution"], out["tests"] = 0.0, self._tests(ctx, None, rec)
-            elif run["status"] != "ok" and run.get("missing"):
-                out["execution"] = out["tests"] = None  # imports a package not installed here
-            else:
+            else:  # a failed import too: the prompt and the reference ran without it
                 out["execution"] = 1.0 if run["status"] == "ok" else 0.0
                 out["tests"] = self._tests(ctx, run, rec)
         out["reward"] = combine(out, self.weights)
@@ -395,7 +396,9 @@ class RewardScorer:
             return None  # the reference changes nothing observable and there are no unit tests
         if run is None or run["status"] != "ok":
             return 0.0
-        passed = sum(run["fps"].get(k) == after[k] for k in names) + run.get("tests_passed", 0)
+        # a program could write its own result to the harness's pipe: never more than all
+        extra = min(max(int(run.get("tests_passed", 0)), 0), len(rec.tests))
+        passed = sum(run["fps"].get(k) == after[k] for k in names) + extra
         return passed / total
 
     def trl_reward_funcs(self, records: dict[str, RewardRecord],
