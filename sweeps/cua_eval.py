@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, help="only the first N records")
     p.add_argument("--threads", type=_positive_int, default=2, help="sandboxed runs at once")
     p.add_argument("--timeout", type=float, default=60.0, help="wall-clock seconds per sandboxed run")
+    p.add_argument("--allow-weak-sandbox", action="store_true",
+                   help="run the candidates even where the sandbox cannot bound their number of processes "
+                        "(python -m trainables.sandbox --check says what this machine has)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write every candidate's scores (and source) to this JSON file")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
@@ -63,6 +66,16 @@ def main(argv=None) -> int:
         print("error: --oracle scores the one reference solution per record: drop --k/--samples/--adapter",
               file=sys.stderr)
         return 2
+    from trainables import sandbox
+
+    try:  # before any model is loaded: a machine that cannot contain candidates says so at once
+        refusal = sandbox.containment().refusal
+    except (sandbox.SandboxUnavailable, ValueError) as e:
+        refusal = str(e)
+    if refusal and not args.allow_weak_sandbox:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
+    sandbox.allow_weak_containment(args.allow_weak_sandbox)  # every candidate's run, all threads
     from trainables.cua import load_cua, score_all, scores_as_dicts, summarize
     from trainables.data import DataError
 

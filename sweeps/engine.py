@@ -92,6 +92,11 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
                    help="lora / hier_lora: also stop, at ASHA's first rung, trials whose soft generalization has "
                         "not moved by 0.001 from the untrained model's (sweeps/schedulers.py; default: on)")
     p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler and of every trial")
+    if method.sandboxed:
+        p.add_argument("--allow-weak-sandbox", action="store_true",
+                       help="run the rewards' generated code even where the sandbox cannot bound its number of "
+                            "processes (no bubblewrap / pids cgroup / uid to drop to); each trial's MLflow run is "
+                            "tagged sandbox_weak (python -m trainables.sandbox --check says what this machine has)")
     return p
 
 
@@ -208,6 +213,50 @@ def check_local_gpus(gpus: float | None) -> None:
     if gpus > have:
         raise UsageError(f"--gpus-per-trial {gpus:g}: this machine has {have} GPU(s); lower it, or pass "
                          f"--address to use a cluster with larger nodes")
+
+
+# --------------------------------------------------------------------------- sandbox
+def check_sandbox(method: Method, allow_weak: bool) -> dict[str, str]:
+    """Methods that run generated code (GRPO's execution and tests rewards): the sandbox this
+    machine gives, as MLflow tags for every trial (``sandbox``; ``sandbox_weak`` where it is
+    weaker than bwrap with a bounded process count). A one-line UsageError where it would refuse
+    to run and --allow-weak-sandbox was not given. On a cluster the trials' nodes decide again:
+    a node that would refuse fails its trials with the same line."""
+    if not method.sandboxed:
+        return {}
+    import warnings
+
+    from trainables import sandbox
+
+    with warnings.catch_warnings():  # the tags and the line below say it
+        warnings.simplefilter("ignore")
+        try:
+            found = sandbox.containment()
+        except (sandbox.SandboxUnavailable, ValueError) as e:
+            raise UsageError(str(e)) from None
+    if found.refusal and not allow_weak:
+        raise UsageError(found.refusal)
+    tags = {"sandbox": found.summary()}
+    if not found.fail_closed:
+        weak = ["processes not bounded, allowed by --allow-weak-sandbox"] if found.refusal else []
+        tags["sandbox_weak"] = "; ".join(weak + list(found.weaknesses))[:490]
+        print(f"sandbox: weak containment here: {tags['sandbox_weak']}", file=sys.stderr, flush=True)
+    return tags
+
+
+def sandbox_policy(fn):
+    """Wrap a Tune function trainable: the trial's process follows --allow-weak-sandbox, which
+    reaches it in the config (``_allow_weak_sandbox``)."""
+
+    def trial(config):
+        from trainables.sandbox import allow_weak_containment
+
+        allow_weak_containment(bool(config.get("_allow_weak_sandbox")))
+        return fn(config)
+
+    trial.__name__ = getattr(fn, "__name__", "trial")
+    trial.__doc__ = fn.__doc__
+    return trial
 
 
 # --------------------------------------------------------------------------- ASHA
@@ -425,6 +474,8 @@ def _run(method: Method, args) -> int:
         raise UsageError(f"a sweep named {name!r} already exists in {storage}: use --resume or another --name")
     if args.gpus_per_trial is not None and args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial):
         raise UsageError("--gpus-per-trial above 1 must be a whole number")
+    allow_weak = bool(getattr(args, "allow_weak_sandbox", False))
+    sandbox_tags = check_sandbox(method, allow_weak)
     if not args.address:
         import ray
 
@@ -477,15 +528,19 @@ def _run(method: Method, args) -> int:
     # (trainables/frozen.py); removed when the sweep finishes, kept for --resume until then.
     frozen_dir = storage / name / "frozen-states"
     fixed["_frozen_cache"] = str(frozen_dir)
+    if allow_weak:
+        fixed["_allow_weak_sandbox"] = True
 
     from ray import tune
 
-    trainable = tune.with_resources(oom_guard(method.load_trainable()), trial_resources)
+    fn = method.load_trainable()
+    trainable = tune.with_resources(oom_guard(sandbox_policy(fn) if method.sandboxed else fn), trial_resources)
     if rerun_config is not None:
         # The exported config wins, except where this machine's resources are concerned.
-        here = {k: fixed[k] for k in ("threads", "workers", "use_gpu", "_storage_path")}
+        here = {k: fixed[k] for k in ("threads", "workers", "use_gpu", "_storage_path", "_allow_weak_sandbox")
+                if k in fixed}
         return _rerun(method, args, name, {**method.fixed, **rerun_config, **here}, provenance, trainable, storage,
-                      client, exp_id, tracking_uri, artifact_root)
+                      client, exp_id, tracking_uri, artifact_root, sandbox_tags)
 
     parent = retry_locked(find_parent, client, exp_id, name)
     if parent is None:
@@ -501,7 +556,7 @@ def _run(method: Method, args) -> int:
     else:
         parent_id = parent.info.run_id
         retry_locked(client.update_run, parent_id, status="RUNNING")
-    tracker = MlflowTracker(tracking_uri, artifact_root, method.name, name, parent_id)
+    tracker = MlflowTracker(tracking_uri, artifact_root, method.name, name, parent_id, extra_tags=sandbox_tags)
 
     max_epochs = 1 if args.smoke_test else args.max_epochs
     num_samples = 2 if args.smoke_test else args.num_samples
@@ -561,11 +616,28 @@ def _run(method: Method, args) -> int:
 
     summary = report.summarise(method, results, metric, args.multi_objective)
     retry_locked(report.finish_parent, client, parent_id, storage / name, summary, home, method.name)
-    retry_locked(client.set_terminated, parent_id, "FINISHED")
+    all_failed = bool(summary["rows"]) and all(r["status"] == STATUS_FAILED for r in summary["rows"])
+    retry_locked(client.set_terminated, parent_id, "FAILED" if all_failed else "FINISHED")
     if not results.errors:
         shutil.rmtree(frozen_dir, ignore_errors=True)  # a cache: only --resume would read it again
     report.print_summary(method, name, summary, time.time() - t0)
+    if all_failed:  # nothing to export: a script or CI job must see it
+        print(f"error: every trial of sweep {name} failed ({len(summary['rows'])}): {_first_failure(results)}",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def _first_failure(results) -> str:
+    """One line saying why the first failed trial failed (its failure_reason, or its error)."""
+    for r in results:
+        reason = (r.metrics or {}).get("failure_reason")
+        if not reason and r.error is not None:
+            lines = [line for line in str(r.error).splitlines() if line.strip()]
+            reason = lines[-1].strip() if lines else type(r.error).__name__
+        if reason:
+            return str(reason)[:300]
+    return "see each trial's failure_reason in MLflow"
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -614,13 +686,13 @@ def _trial_dirname(trial) -> str:
 
 
 def _rerun(method, args, name, config, provenance, trainable, storage, client, exp_id, tracking_uri,
-           artifact_root) -> int:
+           artifact_root, sandbox_tags=None) -> int:
     from ray import tune
 
     from sweeps.tracking import MlflowTracker
 
     tags = {"rerun_of_sweep": str(provenance.get("sweep", "")), "rerun_of_trial": str(provenance.get("trial_id", "")),
-            "rerun_config": args.config}
+            "rerun_config": args.config, **(sandbox_tags or {})}
     tracker = MlflowTracker(tracking_uri, artifact_root, method.name, name, None, extra_tags=tags)
     tuner = tune.Tuner(trainable, param_space=config,
                        tune_config=tune.TuneConfig(num_samples=1, trial_dirname_creator=_trial_dirname),

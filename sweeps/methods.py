@@ -24,6 +24,9 @@ class Method:
     # evaluation of data/) by the first rung (sweeps/schedulers.py): for methods whose reports
     # are that evaluation's `progress`
     stall_rule: bool = False
+    # Its trials run generated code in trainables/sandbox.py (GRPO's rewards): the sweep checks
+    # the sandbox before Ray starts and takes --allow-weak-sandbox (sweeps/engine.py)
+    sandboxed: bool = False
 
     def prepare_model(self, model: str) -> None:
         if self.prepare:
@@ -67,6 +70,7 @@ METHODS: dict[str, Method] = {
         "grpo", "trainables.grpo:GrpoTrainConfig", "trainables.grpo:trainable", "trainables.grpo:run_once",
         "search_spaces.grpo:space", {"hierarchical": True},
         "GRPO (TRL) on LoRA / hierarchical-LoRA adapters; rewards: execution, tests, API, format.",
+        sandboxed=True,
     ),
     "prompt": Method(
         "prompt", "trainables.prompt:PromptConfig", "trainables.prompt:trainable", "trainables.prompt:run_once",
