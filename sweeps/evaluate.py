@@ -2,6 +2,7 @@
 """Score a model (and optionally a LoRA adapter) with the shared evaluation.
 
     python sweeps/evaluate.py --model testbed --json
+    python sweeps/evaluate.py --model smollm2 --by-library
     python sweeps/evaluate.py --model testbed --adapter PATH
 """
 import argparse
@@ -18,12 +19,16 @@ ORDER = ["efficacy", "generalization", "soft_generalization", "old_api_rate", "l
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="sweeps/evaluate.py", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="testbed", help="'testbed', a hub id or a local path")
+    p.add_argument("--model", default="testbed",
+                   help="'testbed', 'smollm2', a .gguf file, a local model folder or a hub id")
     p.add_argument("--adapter", help="a PEFT adapter folder to apply on top of --model")
     p.add_argument("--migrations", help="migrations JSONL (default data/migrations.jsonl)")
     p.add_argument("--locality", help="locality JSONL (default data/locality.jsonl)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object on the last line")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--by-library", action="store_true",
+                   help="also print, per library, how often the probe completions use the old API, the new one "
+                        "or neither, and how often the model prefers the new line teacher-forced")
     args = p.parse_args(argv)
 
     from trainables import data
@@ -54,8 +59,15 @@ def main(argv=None) -> int:
 
         base = base_locality(args.model, locality)
         model = PeftModel.from_pretrained(model, args.adapter)
-    metrics, _ = evaluate(model, tokenizer, migrations, locality, base)
+    metrics, preds = evaluate(model, tokenizer, migrations, locality, base)
     metrics["seconds"] = round(time.time() - t0, 1)
+    if args.by_library:
+        from trainables.evaluation import by_library
+
+        rows = by_library(model, tokenizer, migrations, preds)
+        print(f"{'library':<14}{'probes':>7}{'old':>7}{'new':>7}{'neither':>9}{'prefers new':>13}")
+        for lib, r in rows.items():
+            print(f"{lib:<14}{r['probes']:>7}{r['old']:>7.2f}{r['new']:>7.2f}{r['neither']:>9.2f}{r['prefers_new']:>13.2f}")
     if args.json:
         print(json.dumps({k: metrics[k] for k in ORDER + ["seconds"]}))
     else:

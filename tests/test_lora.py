@@ -389,6 +389,25 @@ def test_frozen_states_are_shared_through_the_cache_and_change_nothing(small_tes
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamps[0]
 
 
+def test_frozen_state_cache_stays_under_its_disk_limit(small_testbed, tmp_path, monkeypatch):
+    """With a limit smaller than one example set the folder stays empty and the trial trains
+    and scores as without a cache; with room for some sets it stops writing at the limit."""
+    from trainables import frozen
+
+    cfg = _cfg(hierarchical=True, layer_start=2, layer_end=4, epochs=2, augment=1, kl_weight=0.5)
+    memory = train_loop(cfg, local_reporter([]))
+    monkeypatch.setenv(frozen.CACHE_LIMIT_ENV, "0")
+    none = train_loop(cfg, local_reporter([]), frozen_cache=str(tmp_path / "none"))
+    assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
+    limit = 300_000  # bytes: a few of the small testbed's parts, not all of them
+    monkeypatch.setenv(frozen.CACHE_LIMIT_ENV, str(limit / 2**30))
+    some = train_loop(cfg, local_reporter([]), frozen_cache=str(tmp_path / "some"))
+    used = frozen.folder_bytes(tmp_path / "some")
+    assert 0 < used <= limit
+    for key in ("train_loss", "efficacy", "generalization", "locality", "soft_generalization"):
+        assert memory[key] == none[key] == some[key], key
+
+
 def test_frozen_states_stay_off_where_they_do_not_apply(small_testbed):
     from trainables.frozen import FrozenStates
 
@@ -448,6 +467,28 @@ def test_evaluation_decodes_only_what_it_cannot_prove_and_scores_the_same(small_
         for key, value in want.items():
             if key != "decoded":
                 assert metrics[key] == pytest.approx(value, abs=1e-6), (name, quick, key)
+
+
+def test_an_unmerged_lora_model_is_proven_and_scored_like_its_merged_copy(small_testbed, fixture_data, monkeypatch):
+    """A model too large for a merged copy is scored through the PEFT model itself: its base
+    model's trunk holds the LoRA layers, so the proofs still apply and the metrics are those of
+    the merged copy (a real model of 135 M parameters took minutes through the whole head)."""
+    from trainables import evaluation
+
+    torch.manual_seed(0)
+    migrations, locality = fixture_data
+    base_model, tok = load_model("testbed")
+    base_loc = evaluation.generate(base_model, tok, [s.prompt for s in locality])
+    model, _ = load_model("testbed")
+    adapted = _moved(attach_lora(model, _cfg()), 0.02).eval()  # moved, but most lines survive
+    assert evaluation._trunk(adapted) is not None
+    merged, merged_preds = evaluation.evaluate(adapted, tok, migrations, locality, base_loc)
+    monkeypatch.setattr(evaluation, "MERGED_COPY_MAX_PARAMS", 0)
+    assert evaluation.merged_copy(adapted) is adapted
+    unmerged, preds = evaluation.evaluate(adapted, tok, migrations, locality, base_loc)
+    assert unmerged["decoded"] == merged["decoded"] < 0.9 and preds == merged_preds
+    for key, value in merged.items():
+        assert unmerged[key] == pytest.approx(value, abs=1e-5), key
 
 
 def test_evaluation_from_stored_states_scores_like_the_whole_model(small_testbed, fixture_data, tmp_path):

@@ -231,3 +231,18 @@ def _smoke(method: str, model: Path) -> None:
     for k in ("efficacy", "generalization", "locality", "objective"):
         assert 0.0 <= out[k] <= 1.0 or k == "objective", (k, out[k])
     json.dumps({k: v for k, v in out.items() if isinstance(v, (int, float, str))})
+
+
+def test_a_sweep_of_an_unknown_architecture_stops_in_one_line_before_ray(tmp_path):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "mamba"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "mamba", "num_hidden_layers": 4}))
+    out = subprocess.run([sys.executable, "sweeps/lora.py", "--model", str(folder), "--num-samples", "1",
+                          "--mlruns", str(tmp_path / "mlruns")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "'mamba'" in lines[0] and "ArchFacts" in lines[0], out.stderr
+    assert "ray" not in out.stdout.lower()

@@ -38,6 +38,11 @@ from pathlib import Path
 
 CHUNK = 64  # examples per canonical forward: fixed, so the states do not depend on who made them
 MAX_BYTES = 1 << 30  # states of one example set above this: keep the ordinary forward
+# The most a sweep's cache folder may hold on disk; past it a trial keeps the states it computes
+# in memory and writes nothing. The engine sets it from --state-cache-gb; one SmolLM2 training
+# set (204 pairs + 1 renamed copy, ~24 K tokens, hidden 576) is ~56 MB per stored layer.
+CACHE_LIMIT_ENV = "APIUPDATE_STATE_CACHE_GB"
+DEFAULT_CACHE_GB = 8.0
 ANCHOR_CHUNK = 256  # anchor pool rows per stored set: a trial reads only the chunks its steps use
 FORMAT = 2  # of the stored files (one flat tensor + lengths per part); part of their names
 
@@ -101,6 +106,81 @@ def _save_atomic(states: list, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def cache_limit_bytes() -> int:
+    """The disk budget of a cache folder (``CACHE_LIMIT_ENV``, in GB; 0 = write nothing)."""
+    raw = os.environ.get(CACHE_LIMIT_ENV, "")
+    try:
+        gb = float(raw) if raw else DEFAULT_CACHE_GB
+    except ValueError:
+        gb = DEFAULT_CACHE_GB
+    return int(max(0.0, gb) * (1 << 30))
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files directly in ``folder`` (the cache is flat)."""
+    try:
+        return sum(e.stat().st_size for e in os.scandir(folder) if e.is_file())
+    except FileNotFoundError:
+        return 0
+
+
+def states_bytes(states: list) -> int:
+    return sum(t.numel() * t.element_size() for t in states)
+
+
+_warned_full: set[str] = set()
+
+
+def _within_budget(folder: Path, extra: int) -> bool:
+    """May ``extra`` more bytes be written to ``folder``? Says so once per folder when not.
+    Concurrent trials may overshoot by what they write at the same moment (one set each)."""
+    limit = cache_limit_bytes()
+    used = folder_bytes(folder)
+    if used + extra <= limit:
+        return True
+    if str(folder) not in _warned_full:
+        _warned_full.add(str(folder))
+        print(f"frozen-state cache {folder} holds {used / 2**30:.2f} GB of its {limit / 2**30:.2f} GB limit "
+              f"(--state-cache-gb): states that do not fit stay in this trial's memory", flush=True)
+    return False
+
+
+def describe_estimate(model_path: str, dataset: str | None, trials: int, max_epochs: int, limit_gb: float) -> str:
+    """One line for the sweep driver: how large the frozen-state cache can grow, and its limit.
+
+    Counted with the model's own ``tokenizer.json`` (no torch in the driver): every stored part
+    holds ``tokens x hidden x 4`` bytes. A trial stores h_k and the final state of each epoch's
+    training set (renamed copies make each epoch a new set) and of the evaluation sequences.
+    Empty when the model's files are not local."""
+    folder = Path(model_path)
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception:  # noqa: BLE001 - a hub id or an unusual layout: no estimate
+        return ""
+    from trainables.data import load_locality, load_migrations, load_training_pairs
+
+    hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or 0)
+    if not hidden:
+        return ""
+
+    def tokens(texts) -> int:
+        return sum(len(e.ids) for e in tok.encode_batch(list(texts), add_special_tokens=False))
+
+    train = tokens(p.prompt + p.new for p in load_training_pairs(dataset))
+    ctxs = [c for m in load_migrations() for c in m.train_contexts + m.probe_contexts]
+    evals = tokens([c.prompt + c.new for c in ctxs] + [c.prompt + c.old for c in ctxs]
+                   + [s.prompt + s.completion for s in load_locality()])
+    mb = hidden * 4 / 2**20
+    per_trial = 2 * (train * max_epochs * 3 + evals) * mb  # up to 2 renamed copies per pair
+    total_gb = per_trial * trials / 1024
+    return (f"frozen-state cache: {train * mb:.0f} MB per stored layer of the training pairs, {evals * mb:.0f} MB of "
+            f"the evaluation sequences; up to {per_trial:.0f} MB a trial, {total_gb:.1f} GB for {trials} trials "
+            f"without sharing; limit {limit_gb:g} GB (--state-cache-gb), removed when the sweep ends")
 
 
 def _load(path: Path, device) -> list:
@@ -211,7 +291,7 @@ class FrozenStates:
             made = self._compute(examples, pad_id, list(paths) if whole else parts)
             for part, states in made.items():
                 path = paths[part]
-                if path is not None and not path.is_file():
+                if path is not None and not path.is_file() and _within_budget(path.parent, states_bytes(states)):
                     _save_atomic(states, path)
             got.update({part: made[part] for part in parts if part not in got})
         return got

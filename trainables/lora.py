@@ -479,6 +479,8 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
                 losses.append(loss_sum)
             train_seconds += time.perf_counter() - t_epoch
             last_loss = sum(losses) / max(1, len(losses))
+            print(f"epoch {epoch + 1}/{cfg.epochs}: loss {last_loss:.4f}, {len(losses)} steps in "
+                  f"{time.perf_counter() - t_epoch:.1f}s", flush=True)
             final = epoch == cfg.epochs - 1
             if not final and eval_epochs is not None and epoch + 1 not in eval_epochs:
                 continue
@@ -520,6 +522,12 @@ def _ddp_worker(config: dict) -> None:
 def trainable(config: dict) -> None:
     """Ray Tune function trainable for `lora` and `hier_lora`."""
     cfg = config_from_dict(LoraTrainConfig, config)
+    if config.get("_state_cache_gb") is not None:
+        import os
+
+        from trainables.frozen import CACHE_LIMIT_ENV
+
+        os.environ[CACHE_LIMIT_ENV] = str(config["_state_cache_gb"])
     if cfg.workers <= 1:
         train_loop(cfg, tune_reporter(), eval_epochs=config.get("_eval_epochs"),
                    frozen_cache=config.get("_frozen_cache"))
