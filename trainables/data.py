@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,6 +33,14 @@ def migrations_path() -> Path:
 
 def locality_path() -> Path:
     return data_dir() / "locality.jsonl"
+
+
+def testset_path() -> Path:
+    return data_dir() / "test_contexts.jsonl"
+
+
+def specificity_path() -> Path:
+    return data_dir() / "specificity.jsonl"
 
 MIN_TRAIN_CONTEXTS = 3
 MIN_PROBE_CONTEXTS = 2
@@ -99,6 +108,17 @@ class Migration:
 @dataclass(frozen=True)
 class LocalitySnippet:
     id: str
+    prompt: str
+    completion: str
+
+
+@dataclass(frozen=True)
+class SpecificitySnippet:
+    """Code that looks like migration ``migration``'s old API but is correct as written:
+    after ``prompt`` the right next line is ``completion``, unchanged."""
+
+    id: str
+    migration: str
     prompt: str
     completion: str
 
@@ -301,6 +321,133 @@ def load_locality(path: str | Path | None = None) -> list[LocalitySnippet]:
             raise c.fail("prompt", f"duplicate prompt (also on line {prompts[prompt]})")
         prompts[prompt] = line
         out.append(LocalitySnippet(sid, prompt, completion))
+    if not out:
+        raise DataError(f"{path}: no records")
+    return out
+
+
+TEST_CONTEXTS_PER_MIGRATION = 2
+TEST_PROMPT_LINES = (2, 6)
+SPECIFICITY_ID = re.compile(r"spec-\d{3,}")
+
+
+def _by_id(migrations: list[Migration] | None) -> dict[str, Migration]:
+    return {m.id: m for m in (load_migrations() if migrations is None else migrations)}
+
+
+def load_test_contexts(
+    path: str | Path | None = None, migrations: list[Migration] | None = None
+) -> dict[str, tuple[Context, ...]]:
+    """The held-out test split (data/README.md): migration id -> its 2 test contexts.
+
+    Checked against ``migrations`` (default: :func:`load_migrations` of the data dir): every id
+    is a migration and every migration has a record; each context obeys the probe rules, has a
+    non-empty :func:`shared_head`, and neither contains nor is contained in another prompt of
+    its migration (train, probe or test); no prompt equals any train or probe prompt. With no
+    ``path`` and no test_contexts.jsonl in the data dir, the split is empty: ``{}``."""
+    if path is None:
+        path = testset_path()
+        if not path.is_file():
+            return {}
+    path = Path(path)
+    by_id = _by_id(migrations)
+    seen_prompts = {c.prompt for m in by_id.values() for c in m.train_contexts + m.probe_contexts}
+    test_prompts: dict[str, int] = {}
+    first_line: dict[str, int] = {}
+    out: dict[str, tuple[Context, ...]] = {}
+    for line, obj in _records(path):
+        c = _Checker(path, line, obj)
+        mid = c.str("id")
+        if mid not in by_id:
+            raise c.fail("id", f"unknown migration {mid!r}")
+        if mid in first_line:
+            raise c.fail("id", f"duplicate id {mid!r} (first on line {first_line[mid]})")
+        raw = obj.get("contexts")
+        if isinstance(raw, list) and len(raw) != TEST_CONTEXTS_PER_MIGRATION:
+            raise c.fail("contexts", f"need exactly {TEST_CONTEXTS_PER_MIGRATION} contexts, got {len(raw)}")
+        m = by_id[mid]
+        contexts = _contexts(c, "contexts", TEST_CONTEXTS_PER_MIGRATION, m.deprecated, m.replacement)
+        known = m.train_contexts + m.probe_contexts
+        for i, ctx in enumerate(contexts):
+            where = f"contexts[{i}]"
+            lo, hi = TEST_PROMPT_LINES
+            n_lines = ctx.prompt.count("\n")
+            if not lo <= n_lines <= hi:
+                raise c.fail(f"{where}.prompt", f"need {lo}-{hi} lines, got {n_lines}")
+            if not ctx.head.strip():
+                raise c.fail(f"{where}.new", "old and new share no statement start (shared_head is empty)")
+            if ctx.prompt in seen_prompts:
+                raise c.fail(f"{where}.prompt", f"same as a train or probe prompt: {ctx.prompt[:40]!r}")
+            if ctx.prompt in test_prompts:
+                raise c.fail(f"{where}.prompt", f"duplicate prompt (also on line {test_prompts[ctx.prompt]})")
+            for other in known + contexts[:i]:
+                if other.prompt in ctx.prompt or ctx.prompt in other.prompt:
+                    raise c.fail(f"{where}.prompt", f"overlaps another prompt of {mid!r}: {other.prompt[:40]!r}")
+                if other.old == ctx.old:
+                    raise c.fail(f"{where}.old", f"same line as another context of {mid!r}")
+        for ctx in contexts:
+            test_prompts[ctx.prompt] = line
+        first_line[mid] = line
+        out[mid] = contexts
+    missing = [mid for mid in by_id if mid not in out]
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise DataError(f"{path}: no test contexts for {len(missing)} migration(s): {shown}")
+    return out
+
+
+def load_specificity(
+    path: str | Path | None = None,
+    migrations: list[Migration] | None = None,
+    locality: list[LocalitySnippet] | None = None,
+) -> list[SpecificitySnippet]:
+    """The over-application set (data/README.md): lookalikes of old APIs that must stay.
+
+    ``migrations`` / ``locality`` default to the data dir's. Each completion is one line that
+    parses after its prompt and does not match its migration's ``replacement`` (an update applied
+    where it does not belong would write it); it may match ``deprecated``, which is the point.
+    No prompt repeats, or equals a locality prompt or a migration's train or probe prompt. With
+    no ``path`` and no specificity.jsonl in the data dir, the set is empty: ``[]``."""
+    if path is None:
+        path = specificity_path()
+        if not path.is_file():
+            return []
+    path = Path(path)
+    by_id = _by_id(migrations)
+    if locality is None:
+        locality = load_locality() if locality_path().is_file() else []
+    taken = {s.prompt: "a locality" for s in locality}
+    for m in by_id.values():
+        for ctx in m.train_contexts + m.probe_contexts:
+            taken.setdefault(ctx.prompt, f"a {m.id!r} context")
+    out: list[SpecificitySnippet] = []
+    seen: dict[str, int] = {}
+    prompts: dict[str, int] = {}
+    for line, obj in _records(path):
+        c = _Checker(path, line, obj)
+        sid = c.unique("id", seen)
+        if not SPECIFICITY_ID.fullmatch(sid):
+            raise c.fail("id", f"expected spec-NNN, got {sid!r}")
+        mid = c.str("migration")
+        if mid not in by_id:
+            raise c.fail("migration", f"unknown migration {mid!r}")
+        prompt, completion = c.str("prompt"), c.str("completion")
+        if not prompt.endswith("\n"):
+            raise c.fail("prompt", "must end with a newline")
+        if "\n" in completion:
+            raise c.fail("completion", "must be a single line")
+        if prompt in prompts:
+            raise c.fail("prompt", f"duplicate prompt (also on line {prompts[prompt]})")
+        if prompt in taken:
+            raise c.fail("prompt", f"same as {taken[prompt]} prompt: {prompt[:40]!r}")
+        m = by_id[mid]
+        r = check_completion(prompt, completion, m.deprecated, m.replacement)
+        if not r.syntax_ok:
+            raise c.fail("completion", "prompt + completion does not parse")
+        if r.uses_new:
+            raise c.fail("completion", f"matches the replacement {m.replacement!r}: a lookalike must not")
+        prompts[prompt] = line
+        out.append(SpecificitySnippet(sid, mid, prompt, completion))
     if not out:
         raise DataError(f"{path}: no records")
     return out
