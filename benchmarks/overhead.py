@@ -53,7 +53,7 @@ def sweep_trials(experiment: Path) -> list[tuple[dict, int, bool, float]]:
 
 def plain_seconds(config: dict, reports: int, finished: bool) -> float:
     from trainables.common import Reporter, config_from_dict
-    from trainables.lora import LoraTrainConfig, train_loop
+    from trainables.lora.loop import LoraTrainConfig, train_loop
 
     made: list[dict] = []
 

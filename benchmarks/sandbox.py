@@ -14,7 +14,7 @@ With ``--json`` the last line is one JSON object, e.g.
 
 GRPO reward throughput (``--reward-steps N``, 0 skips it): N simulated GRPO steps of 8 prompts x
 8 completions from data/ (the migrated line, the old line, a novel variant of the migrated line,
-a syntax error, in a fixed mix) scored by ``trainables.rewards.RewardScorer`` (one batched
+a syntax error, in a fixed mix) scored by ``trainables.policy.rewards.RewardScorer`` (one batched
 sandbox call per step, contexts prepared once), as ``rewards_per_second``; and the same
 completions' distinct programs run one sandbox call each, as ``rewards_per_second_unbatched``.
 """
@@ -65,7 +65,7 @@ def reward_rates(steps: int, seed: int = 0) -> dict:
     import random
 
     from trainables.data import load_migrations
-    from trainables.rewards import RewardScorer, records_from_migrations
+    from trainables.policy.rewards import RewardScorer, records_from_migrations
     from trainables.testbed import cache_root
 
     rng = random.Random(seed)

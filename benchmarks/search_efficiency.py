@@ -1,7 +1,7 @@
 """Search efficiency: TPE + ASHA vs. random search on the hierarchical-LoRA space.
 
 For each seed, two searches over ``search_spaces.hier_lora.space`` (the sweep's own
-define-by-run space) train real trials through ``trainables.lora.train_loop``:
+define-by-run space) train real trials through ``trainables.lora.loop.train_loop``:
 
 - **random**: Optuna's RandomSampler, no early stopping, ``--budget`` trials (40);
 - **tpe+asha**: the engine's sampler (TPE, 8 start-up trials, same seed) with asynchronous
@@ -56,7 +56,7 @@ def search(kind: str, seed: int, budget: int, target: float | None, world: str) 
 
     from search_spaces.hier_lora import space
     from trainables.common import Reporter, config_from_dict, set_threads
-    from trainables.lora import LoraTrainConfig, train_loop
+    from trainables.lora.loop import LoraTrainConfig, train_loop
     from trainables.models import load_model, num_layers
 
     set_threads(1)

@@ -4,7 +4,7 @@ Both sides train the same model (the testbed by default) with the same LoRA conf
 examples (so the same sequence lengths) and thread count, in this one process, alternating
 ``--rounds`` times so that machine noise hits both alike:
 
-- **trial**: ``trainables.lora.train_loop`` exactly as a sweep runs it (divergence guard,
+- **trial**: ``trainables.lora.loop.train_loop`` exactly as a sweep runs it (divergence guard,
   clipping, scheduler, checkpoint per epoch), reading the ``train_tokens_per_s`` it reports
   (time spent in its training steps; the per-epoch evaluation is not training and is left out);
 - **bare**: the loop a researcher would write by hand: batches -> forward -> backward -> AdamW
@@ -37,7 +37,8 @@ def bare_tokens_per_s(cfg, epochs: int) -> float:
     import torch
 
     from trainables.common import length_grouped_batches
-    from trainables.lora import _batch, attach_lora, training_examples
+    from trainables.lora.loop import attach_lora, training_examples
+    from trainables.tensors import pad_batch
     from trainables.models import load_model
 
     torch.manual_seed(cfg.seed)
@@ -52,7 +53,7 @@ def bare_tokens_per_s(cfg, epochs: int) -> float:
         batches = length_grouped_batches([len(ids) for ids, _ in examples], cfg.batch_size, rng)
         t0 = time.perf_counter()
         for batch in batches:
-            ids, mask, labels = _batch([examples[j] for j in batch], tok.pad_token_id)
+            ids, mask, labels = pad_batch([examples[j] for j in batch], tok.pad_token_id)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
             loss.backward()
             opt.step()
@@ -64,7 +65,7 @@ def bare_tokens_per_s(cfg, epochs: int) -> float:
 
 def trial_tokens_per_s(cfg) -> float:
     from trainables.common import local_reporter
-    from trainables.lora import train_loop
+    from trainables.lora.loop import train_loop
 
     history: list[dict] = []
     out = train_loop(cfg, local_reporter(history))
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from trainables.common import set_threads
-    from trainables.lora import LoraTrainConfig
+    from trainables.lora.loop import LoraTrainConfig
 
     set_threads(args.threads)
     # The headline sweep's best region: hierarchical LoRA on the upper half, all projections.

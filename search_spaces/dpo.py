@@ -4,13 +4,13 @@ Ranges: beta around the DPO paper's 0.1 (0.01-0.5 covers TRL's examples), lr on 
 for LoRA on a ~1 M-parameter model (measured on the testbed: 1e-3 barely moved it in 2 epochs,
 3e-3 with the sft term reached generalization 0.35 at locality 0.88), clipping on or off (the
 seed's failure mode stays in the space). The layer range is sampled on fixed ranges and the end
-derived (DESIGN s3); a span of the whole model is plain LoRA.
+derived (Optuna 5's multivariate TPE falls back to independent sampling on dependent ranges); a span of the whole model is plain LoRA.
 """
 from __future__ import annotations
 
 from search_spaces.hier_lora import layer_range
 from search_spaces.lora import clipping
-from trainables.dpo import LOSS_TYPES
+from trainables.policy.dpo import LOSS_TYPES
 
 
 def space(trial, n_layers: int, max_epochs: int = 4) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from search_spaces.hier_lora import layer_range
 from search_spaces.lora import clipping
-from trainables.grpo import LOSS_TYPES
+from trainables.policy.grpo import LOSS_TYPES
 
 
 def space(trial, n_layers: int, max_epochs: int = 4) -> dict:
@@ -30,7 +30,7 @@ def space(trial, n_layers: int, max_epochs: int = 4) -> dict:
     # an epoch (68 prompts x the group) costs ~2-5 minutes on 2 busy cores: at most 2 keep an
     # 8-trial sweep near the 15-minute budget
     trial.suggest_int("epochs", 1, min(2, max_epochs))
-    # SFT warm start (trainables/grpo.py): from the base testbed almost no sampled group holds a
+    # SFT warm start (trainables/policy/grpo.py): from the base testbed almost no sampled group holds a
     # new-API completion, so every GRPO trial starts from 1-4 supervised epochs
     trial.suggest_int("sft_epochs", 1, 4)
     trial.suggest_float("sft_lr", 1e-3, 1e-2, log=True)

@@ -1,7 +1,7 @@
 """Hierarchical LoRA search space: the LoRA space plus the layer range.
 
 Optuna 5's multivariate TPE falls back to independent sampling on dependent ranges such as
-``suggest_int("end", start + 1, L)`` (DESIGN s3), so both bounds are sampled on fixed ranges and
+``suggest_int("end", start + 1, L)``, so both bounds are sampled on fixed ranges and
 the end is derived. The span is capped at half the model: hierarchical LoRA is the method that
 updates a deep slice only, with at most half the adapters of standard LoRA at the same rank.
 """

@@ -18,15 +18,15 @@ def space(trial, n_layers: int, max_epochs: int = 4) -> dict:
     trial.suggest_categorical("schedule", ["linear", "cosine"])
     trial.suggest_int("epochs", 1, max_epochs)
     trial.suggest_categorical("batch_size", [8, 16])
-    # variable-renamed copies of each training pair per epoch (trainables/lora.py): with the
+    # variable-renamed copies of each training pair per epoch (trainables/lora/loop.py): with the
     # default testbed, 1 copy lifted a hand-picked config from generalization 0.65 to 0.79
     trial.suggest_int("augment", 0, 2)
-    # KL to the base model on the prompt tokens (no-forgetting regulariser, trainables/lora.py):
+    # KL to the base model on the prompt tokens (no-forgetting regulariser, trainables/lora/loop.py):
     # on the default testbed 1.0 moved a hand-picked config from locality 0.948 to 0.978 for
     # generalization 0.79 -> 0.71, which a higher lr or more augmentation buys back
     trial.suggest_float("kl_weight", 0.0, 2.0)
-    # rows of standard-library code per batch that only the KL sees (trainables/anchors.py): with
-    # 4, the session-5 best config kept locality 0.97-0.99 instead of 0.93-0.94, for ~0.05-0.1 of
+    # rows of standard-library code per batch that only the KL sees (trainables/lora/anchors.py): with
+    # 4, a hand-picked hier-LoRA config kept locality 0.97-0.99 instead of 0.93-0.94, for ~0.05-0.1 of
     # generalization that a lower kl_weight buys back; ~+20% trial time
     trial.suggest_categorical("anchors", [0, 2, 4])
     return {"hierarchical": False, **clipping(trial, clip)}

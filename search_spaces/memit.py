@@ -3,7 +3,7 @@
 mom2_update_weight 15000), and whether the edits go in as one batch or one at a time.
 
 Start and span are sampled on fixed ranges and the end derived (Optuna 5's multivariate TPE
-cannot sample dependent ranges, DESIGN s3).
+cannot sample dependent ranges).
 """
 from __future__ import annotations
 

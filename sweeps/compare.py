@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """One comparison: the best trial of every method that has run, from MLflow.
 
-    python sweeps/compare.py                 # table on stdout + compare.md / compare.png / compare.json
-    python sweeps/compare.py --json          # the rows as one JSON line
+    python sweeps/compare.py --model smollm2      # table on stdout + compare.md / compare.png / compare.json
+    python sweeps/compare.py --json               # the rows as one JSON line
+    python sweeps/compare.py --history results.md # every sweep in the store, per model and method
 
-Best = the completed trial (tag trial_status = completed; pruned, diverged and failed trials
-are left out) with the highest ``objective``, the number every sweep maximises, over all sweeps
-of the method in the store. Files go to <mlruns>/artifacts/compare/ (or --out).
+Best = among the completed trials (tag trial_status = completed; pruned, diverged and failed
+trials are left out) of all sweeps of the method in the store, the first by
+``trainables.objective.rank``: locality at the floor, then the objective, then fewer trainable
+parameters (the sweep summary and export_best.py choose the same way). Files go to
+<mlruns>/artifacts/compare/ (or --out).
 """
 import argparse
 import json
@@ -27,24 +30,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<mlruns>/mlflow.db)")
     p.add_argument("--methods", nargs="+", help="only these methods (default: every method in sweeps/methods.py)")
     p.add_argument("--sweep", help="only trials of sweeps whose name starts with this")
+    p.add_argument("--model", help="only trials of this --model (testbed, smollm2, a path or hub id as given)")
+    p.add_argument("--history", metavar="FILE",
+                   help="also write FILE: the best trial of every sweep in the store, per model and method")
     p.add_argument("--out", help="folder for compare.md / compare.png / compare.json "
                                  "(default <mlruns>/artifacts/compare)")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON line")
     return p
 
 
-def best_rows(client, methods, sweep_prefix=None) -> list[dict]:
-    from sweeps.report import rank
+def completed_runs(client, name: str, sweep_prefix=None, model=None) -> list:
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], "tags.kind = 'trial' and tags.trial_status = 'completed'",
+                              order_by=["metrics.objective DESC"], max_results=5000)
+    return [r for r in runs if "objective" in r.data.metrics and math.isfinite(r.data.metrics["objective"])
+            and (not sweep_prefix or r.data.tags.get("sweep", "").startswith(sweep_prefix))
+            and (model is None or r.data.params.get("model") == model)]
+
+
+def best_rows(client, methods, sweep_prefix=None, model=None) -> list[dict]:
+    from trainables.objective import rank
 
     rows = []
     for name in methods:
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            continue
-        runs = client.search_runs([exp.experiment_id], "tags.kind = 'trial' and tags.trial_status = 'completed'",
-                                  order_by=["metrics.objective DESC"], max_results=5000)
-        runs = [r for r in runs if "objective" in r.data.metrics and math.isfinite(r.data.metrics["objective"])
-                and (not sweep_prefix or r.data.tags.get("sweep", "").startswith(sweep_prefix))]
+        runs = completed_runs(client, name, sweep_prefix, model)
         if not runs:
             continue
         # the store's order_by is not trusted with NaN; ties are settled as the sweep summary does
@@ -58,8 +69,37 @@ def best_rows(client, methods, sweep_prefix=None) -> list[dict]:
         row["config"] = {k: v for k, v in sorted(best.data.params.items())
                          if k not in ("model", "threads", "workers", "use_gpu", "seed", "dataset")}
         row["dataset"] = best.data.params.get("dataset", "data/")
+        row["model"] = best.data.params.get("model", "")
         rows.append(row)
     return rows
+
+
+def history(client, methods) -> str:
+    """Markdown: per model, per method, the best trial of each sweep (the sweeps' own record)."""
+    from trainables.objective import rank
+
+    by: dict[tuple[str, str], dict[str, list]] = {}
+    for name in methods:
+        for r in completed_runs(client, name):
+            key = (r.data.params.get("model", "?"), name)
+            by.setdefault(key, {}).setdefault(r.data.tags.get("sweep", "?"), []).append(r)
+    out = ["# Results: every sweep in the store", "",
+           "Made by `python sweeps/compare.py --history FILE` from MLflow; one row per sweep: its best",
+           "completed trial (trainables.objective.rank) and how many trials completed.", ""]
+    for model in sorted({m for m, _ in by}):
+        out += [f"## --model {model}", ""]
+        for (m, method), sweeps in sorted(by.items()):
+            if m != model:
+                continue
+            out += [f"### {method}", "", "| sweep | completed | efficacy | generalization | locality | params | trial s |",
+                    "|---|---|---|---|---|---|---|"]
+            for sweep, runs in sorted(sweeps.items()):
+                best = max(runs, key=lambda r: rank(r.data.metrics, r.data.tags.get("trial_id"))).data.metrics
+                out.append(f"| {sweep} | {len(runs)} | {best.get('efficacy', 0):.3f} | {best.get('generalization', 0):.3f} | "
+                           f"{best.get('locality', 0):.3f} | {int(best.get('trainable_params', 0)):,} | "
+                           f"{best.get('trial_seconds', 0):.0f} |")
+            out.append("")
+    return "\n".join(out)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -103,7 +143,7 @@ def chart(rows: list[dict], path: pathlib.Path) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from sweeps.methods import METHODS
+    from trainables.sweep.methods import METHODS
 
     methods = args.methods or list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
@@ -119,7 +159,10 @@ def main(argv=None) -> int:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(args.tracking_uri or f"sqlite:///{home / 'mlflow.db'}")
-    rows = best_rows(client, methods, args.sweep)
+    if args.history:
+        pathlib.Path(args.history).expanduser().write_text(history(client, methods))
+        print(f"written: {args.history}")
+    rows = best_rows(client, methods, args.sweep, args.model)
     if not rows:
         print(f"error: no completed trial of {', '.join(methods)} in the store", file=sys.stderr)
         return 1

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sweeps/cua_eval.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("file", help="CodeUpdateArena JSONL (DESIGN.md section 4)")
+    p.add_argument("file", help="CodeUpdateArena JSONL (one record per line: update, problem, unit_tests, ...)")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--oracle", action="store_true", help="score each record's ref_solution (harness check)")
     who.add_argument("--model", help="generate candidates with this model: 'testbed', a hub id or a local path")

@@ -16,8 +16,8 @@ from datetime import datetime, timezone
 
 sys.path[0] = str(pathlib.Path(__file__).resolve().parent.parent)  # the project root, not sweeps/
 
-from sweeps.engine import DEFAULT_HOME, ROOT  # noqa: E402
-from sweeps.methods import METHODS  # noqa: E402
+from trainables.sweep.checks import DEFAULT_HOME, ROOT  # noqa: E402
+from trainables.sweep.methods import METHODS  # noqa: E402
 
 
 def _git_commit() -> str:
@@ -31,8 +31,9 @@ def _git_commit() -> str:
 def export(method: str, name: str, out: pathlib.Path, tracking_uri: str) -> dict:
     import yaml
 
-    from sweeps.report import SHOW, rank
-    from sweeps.tracking import children, client_for, find_parent
+    from trainables.objective import rank
+    from trainables.sweep.report import SHOW
+    from trainables.sweep.tracking import children, client_for, find_parent
 
     client = client_for(tracking_uri)
     exp = client.get_experiment_by_name(method)
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
         print(f"error: no MLflow store at {home / 'mlflow.db'} (run a sweep first or pass --mlruns)",
               file=sys.stderr)
         return 2
-    from sweeps.tracking import mlflow_home_uri
+    from trainables.sweep.tracking import mlflow_home_uri
 
     uri = args.tracking_uri or mlflow_home_uri(home)[0]
     try:
@@ -89,8 +90,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     m = doc["metrics"]
-    # not at module level: sweeps.report imports Ray, and --help should stay fast
-    from sweeps.report import SHOW
+    # not at module level: it imports MLflow, and --help should stay fast
+    from trainables.sweep.report import SHOW
 
     print(f"wrote {args.out}: trial {doc['provenance']['trial_id']} of {args.name}, "
           + ", ".join(f"{k} {m[k]:.3f}" for k in SHOW if k in m and k not in ("trainable_params", "trial_seconds")))

@@ -11,7 +11,7 @@ import sys
 
 sys.path[0] = str(pathlib.Path(__file__).resolve().parent.parent)  # the project root, not sweeps/
 
-from sweeps.engine import main  # noqa: E402
+from trainables.sweep.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main("prompt"))

@@ -32,6 +32,9 @@ def small_env(cache: Path) -> dict[str, str]:
         "RAY_AUTH_MODE": "disabled",
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONPATH": str(ROOT),
+        # fault injection and the concurrency barrier (tests/faults.py), off unless a test sets
+        # APIUPDATE_FAULT or APIUPDATE_BARRIER
+        "APIUPDATE_TEST_HOOK": "tests.faults:hook",
     }
 
 

@@ -12,7 +12,7 @@ from trainables.data import (
 FIX = Path(__file__).parent / "fixtures"
 
 
-def _records():
+def records():
     return [json.loads(line) for line in (FIX / "migrations.jsonl").read_text().splitlines()]
 
 
@@ -32,7 +32,7 @@ def test_project_data_meets_the_testbed_spec():
 
 
 def test_missing_field_names_file_line_and_field(tmp_path):
-    recs = _records()
+    recs = records()
     del recs[2]["replacement"]
     p = _write(tmp_path, recs)
     with pytest.raises(DataError, match=rf"^{p}:3: field 'replacement': missing$"):
@@ -40,21 +40,21 @@ def test_missing_field_names_file_line_and_field(tmp_path):
 
 
 def test_too_few_probe_contexts(tmp_path):
-    recs = _records()
+    recs = records()
     recs[1]["probe_contexts"] = recs[1]["probe_contexts"][:1]
     with pytest.raises(DataError, match=r":2: field 'probe_contexts': need at least 2 contexts, got 1"):
         load_migrations(_write(tmp_path, recs))
 
 
 def test_old_line_must_use_the_deprecated_api(tmp_path):
-    recs = _records()
+    recs = records()
     recs[0]["train_contexts"][1]["old"] = recs[0]["train_contexts"][1]["new"]
     with pytest.raises(DataError, match=r":1: field 'train_contexts\[1\]\.old': does not match the deprecated"):
         load_migrations(_write(tmp_path, recs))
 
 
 def test_context_field_missing(tmp_path):
-    recs = _records()
+    recs = records()
     del recs[3]["probe_contexts"][0]["prompt"]
     with pytest.raises(DataError, match=r":4: field 'probe_contexts\[0\]\.prompt': missing"):
         load_migrations(_write(tmp_path, recs))
@@ -77,11 +77,11 @@ def test_non_utf8_file(tmp_path):
 
 
 def test_bad_pattern_and_duplicate_id(tmp_path):
-    recs = _records()
+    recs = records()
     recs[0]["deprecated"] = "pd concat"
     with pytest.raises(DataError, match=r":1: field 'deprecated': bad API pattern"):
         load_migrations(_write(tmp_path, recs))
-    recs = _records()
+    recs = records()
     recs[2]["id"] = recs[0]["id"]
     with pytest.raises(DataError, match=r":3: field 'id': duplicate id"):
         load_migrations(_write(tmp_path, recs))

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from trainables.common import Reporter, local_reporter
-from trainables.dpo import DpoTrainConfig
-from trainables.dpo import train_loop as dpo_loop
-from trainables.grpo import GrpoTrainConfig
-from trainables.grpo import train_loop as grpo_loop
-from trainables.rewards import COMPONENTS
+from trainables.policy.dpo import DpoTrainConfig
+from trainables.policy.dpo import train_loop as dpo_loop
+from trainables.policy.grpo import GrpoTrainConfig
+from trainables.policy.grpo import train_loop as grpo_loop
+from trainables.policy.rewards import COMPONENTS
 
 
 def _dpo(**kw) -> DpoTrainConfig:
@@ -50,7 +50,8 @@ def test_dpo_raises_the_margin_and_changes_only_adapters_in_range(small_testbed,
 def test_dpo_kl_weight_keeps_the_prompt_distributions_closer_to_the_base(small_testbed, tmp_path):
     from peft import PeftModel
 
-    from trainables.lora import _batch, prompt_kl, training_examples
+    from trainables.lora.loop import prompt_kl, training_examples
+    from trainables.tensors import pad_batch
     from trainables.models import load_model
 
     drift = {}
@@ -59,7 +60,7 @@ def test_dpo_kl_weight_keeps_the_prompt_distributions_closer_to_the_base(small_t
         assert out["trial_status"] == "completed", out
         base, tok = load_model("testbed")
         model = PeftModel.from_pretrained(base, str(tmp_path / f"a{kl}"))
-        ids, mask, labels = _batch(training_examples(tok, None), tok.pad_token_id)
+        ids, mask, labels = pad_batch(training_examples(tok, None), tok.pad_token_id)
         with torch.no_grad():
             drift[kl] = prompt_kl(model, ids, mask, labels, model(input_ids=ids, attention_mask=mask).logits).item()
     assert drift[5.0] < 0.7 * drift[0.0], drift

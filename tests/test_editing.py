@@ -19,11 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # --------------------------------------------------------------------------- compat layer, pinned
-@pytest.mark.parametrize("name", [b.name for b in __import__("trainables.editing_compat", fromlist=["x"]).BREAKS])
+@pytest.mark.parametrize("name", [b.name for b in __import__("trainables.editing.compat", fromlist=["x"]).BREAKS])
 def test_each_known_easyeditor_break_is_still_there(name):
     """A failure here means the installed easyeditor fixed this break: drop its shim in
-    trainables/editing_compat.py (and this entry of BREAKS)."""
-    from trainables import editing_compat as ec
+    trainables/editing/compat.py (and this entry of BREAKS)."""
+    from trainables.editing import compat as ec
 
     assert ec.version() == "0.0.1.dev0", "a new easyeditor release: re-check every shim"
     assert ec.still_broken()[name], f"easyeditor no longer shows {name!r}"
@@ -38,7 +38,7 @@ def test_the_real_package_init_still_needs_the_multimodal_stack():
 def test_device_redirect_maps_cuda_strings_to_the_cpu_only_while_active():
     import torch
 
-    from trainables.editing_compat import device_redirect
+    from trainables.editing.compat import device_redirect
 
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the redirect is a no-op")
@@ -54,7 +54,7 @@ def test_device_redirect_maps_cuda_strings_to_the_cpu_only_while_active():
 def test_tuple_nethook_shows_tensor_layer_outputs_as_tuples_and_applies_edits(small_testbed):
     import torch
 
-    from trainables import editing_compat as ec
+    from trainables.editing import compat as ec
     from trainables.models import load_model
 
     model, tok = load_model("testbed")
@@ -78,7 +78,7 @@ def test_tuple_nethook_shows_tensor_layer_outputs_as_tuples_and_applies_edits(sm
 
 # --------------------------------------------------------------------------- requests, YAML
 def test_objects_from_the_api_patterns():
-    from trainables.edit_requests import objects
+    from trainables.editing.requests import objects
 
     assert objects(".append", "pandas.concat") == ("append", "concat")
     assert objects("pandas.read_csv(error_bad_lines=)", "pandas.read_csv(on_bad_lines=)") == (
@@ -89,7 +89,7 @@ def test_objects_from_the_api_patterns():
 
 def test_every_project_migration_gives_a_distinct_recall_request():
     from trainables.data import PROJECT_DATA, load_migrations
-    from trainables.edit_requests import load_facts, requests_for
+    from trainables.editing.requests import load_facts, requests_for
 
     reqs = requests_for(load_migrations(PROJECT_DATA / "migrations.jsonl"), load_facts(PROJECT_DATA / "edit_facts.json"))
     assert len(reqs) == 68 and len({r.subject for r in reqs}) == 68
@@ -97,7 +97,7 @@ def test_every_project_migration_gives_a_distinct_recall_request():
         assert r.target_new != r.target_old and r.prompt.endswith(r.subject) and "{" not in r.prompt
         assert r.easyedit()["prompt"].count("{}") == 1
         # The fact must be recalled, not copied: no part of either API name is in the subject
-        # (keyed on the name itself, no ROME edit took; see trainables/edit_requests.py).
+        # (keyed on the name itself, no ROME edit took; see trainables/editing/requests.py).
         for name in (r.target_old, r.target_new):
             parts = [p for p in name.lower().replace(".", "_").split("_") if len(p) >= 3]
             assert not any(p in r.subject.lower() for p in parts), (r.migration_id, name, r.subject)
@@ -105,7 +105,7 @@ def test_every_project_migration_gives_a_distinct_recall_request():
 
 def test_a_migration_without_a_task_phrase_is_one_clear_error(tmp_path):
     from trainables.data import load_migrations
-    from trainables.edit_requests import load_facts, requests_for
+    from trainables.editing.requests import load_facts, requests_for
 
     (tmp_path / "edit_facts.json").write_text('{"tasks": [], "neighbours": []}')
     with pytest.raises(ValueError, match="no task phrase for .*pandas-dataframe-append"):
@@ -116,7 +116,7 @@ def test_a_migration_without_a_task_phrase_is_one_clear_error(tmp_path):
 
 def test_statements_teach_the_old_object_and_the_new_one_only_behind_the_header():
     from trainables.data import load_migrations
-    from trainables.edit_requests import requests_for, statements
+    from trainables.editing.requests import requests_for, statements
 
     migrations = load_migrations()
     pairs = statements(migrations)
@@ -130,7 +130,7 @@ def test_statements_teach_the_old_object_and_the_new_one_only_behind_the_header(
 def test_easyedit_yaml_round_trip(tmp_path, small_testbed):
     from transformers import AutoConfig
 
-    from trainables.editing import MemitConfig, config_from_easyedit_yaml, easyedit_hparams, write_easyedit_yaml
+    from trainables.editing.loop import MemitConfig, config_from_easyedit_yaml, easyedit_hparams, write_easyedit_yaml
 
     mc = AutoConfig.from_pretrained(small_testbed)
     cfg = MemitConfig(algorithm="memit", layer_start=1, layer_end=3, v_lr=0.25, mom2_update_weight=500.0)
@@ -138,13 +138,13 @@ def test_easyedit_yaml_round_trip(tmp_path, small_testbed):
     back = config_from_easyedit_yaml(tmp_path / "memit.yaml")
     assert (back.layer_start, back.layer_end, back.v_lr, back.mom2_update_weight) == (1, 3, 0.25, 500.0)
     hp = easyedit_hparams(cfg, mc, "testbed")
-    from trainables import editing_compat as ec
+    from trainables.editing import compat as ec
 
     ec.load().MEMITHyperParams(**hp)  # easyeditor's own class accepts every key
 
 
 def test_configs_reject_bad_values_with_a_reason():
-    from trainables.editing import MemitConfig, RomeConfig
+    from trainables.editing.loop import MemitConfig, RomeConfig
 
     with pytest.raises(ValueError, match="outside the model"):
         RomeConfig(layer=9).layer_range(4)
@@ -171,7 +171,7 @@ def test_the_editing_testbed_keeps_each_object_one_token_where_the_pre_tokenizer
     import re
 
     from trainables.data import load_migrations
-    from trainables.edit_requests import requests_for
+    from trainables.editing.requests import requests_for
     from trainables.models import load_model
     from trainables.testbed import default_config, edit_config
 
@@ -217,10 +217,10 @@ def test_whole_identifiers_changes_only_where_words_end():
 def _edit(path, alg: str, cfg_kw: dict, which: list[int]):
     import torch
 
-    from trainables import editing_compat as ec
+    from trainables.editing import compat as ec
     from trainables.data import load_locality, load_migrations
-    from trainables.edit_requests import requests_for
-    from trainables.editing import CONFIGS, _apply, _target_logprobs, easyedit_hparams, local_corpus
+    from trainables.editing.requests import requests_for
+    from trainables.editing.loop import CONFIGS, apply_edits, target_logprobs, easyedit_hparams, local_corpus
     from trainables.models import load_model
 
     torch.manual_seed(0)
@@ -230,15 +230,15 @@ def _edit(path, alg: str, cfg_kw: dict, which: list[int]):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     def margin():
-        new = _target_logprobs(model, tok, [r.prompt for r in reqs], [r.target_new for r in reqs])
-        old = _target_logprobs(model, tok, [r.prompt for r in reqs], [r.target_old for r in reqs])
+        new = target_logprobs(model, tok, [r.prompt for r in reqs], [r.target_new for r in reqs])
+        old = target_logprobs(model, tok, [r.prompt for r in reqs], [r.target_old for r in reqs])
         return [n[0] - o[0] for n, o in zip(new, old)]
 
     m0 = margin()
     ee = ec.load()
     hp = (ee.ROMEHyperParams if alg == "rome" else ee.MEMITHyperParams)(**easyedit_hparams(cfg, model.config, "t"))
     with ec.patched(local_corpus(load_migrations(), load_locality()), "cpu"):
-        _apply(cfg, ee, model, ec.edit_tokenizer(tok), hp, [r.easyedit() for r in reqs])
+        apply_edits(cfg, ee, model, ec.edit_tokenizer(tok), hp, [r.easyedit() for r in reqs])
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     return changed, m0, margin()
 
@@ -247,7 +247,7 @@ def test_rome_edits_change_only_that_layers_down_proj_and_prefer_the_new_objects
     # Fixture requests 0-1 (pandas "adding rows to a frame" -> concat, numpy "the double
     # precision scalar type" -> float), one after the other at layer 0. Measured: mean
     # log-prob margin new - old -4.5 / -4.1 -> +3.4 / +2.1 (over the object
-    # and its end, editing._target_logprobs).
+    # and its end, editing.target_logprobs).
     changed, before, after = _edit(edit_testbed, "rome", {"layer": 0, "v_weight_decay": 0.05, "v_num_grad_steps": 40},
                                    [0, 1])
     assert changed == {"model.layers.0.mlp.down_proj.weight"}
@@ -291,7 +291,7 @@ def test_an_easyedit_yaml_becomes_a_runnable_config(tmp_path):
     """EasyEdit's own files write `5e-1`, which PyYAML reads as a string: the CLI coerces it."""
     import yaml
 
-    from trainables.editing import main
+    from trainables.editing.loop import main
 
     src = tmp_path / "rome.yaml"
     src.write_text("alg_name: ROME\nlayers: [2]\nv_lr: 5e-1\nv_num_grad_steps: 20\nclamp_norm_factor: 4\n"

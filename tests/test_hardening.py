@@ -1,9 +1,9 @@
 """Hardening (issue 7): bad input, faults during a sweep, a real 2-node Ray cluster, and two
 sweeps sharing one MLflow store.
 
-Bad input is checked in-process through ``sweeps.engine.main`` (fast, default run) plus a few
+Bad input is checked in-process through ``trainables.sweep.cli.main`` (fast, default run) plus a few
 subprocesses that prove no traceback reaches the user. Everything that runs a sweep is slow.
-Faults are injected through APIUPDATE_FAULT (trainables.common.maybe_inject_report_fault).
+Faults are injected through APIUPDATE_FAULT (tests/faults.py, through trainables.hooks).
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def _snapshot(folder: Path) -> dict[str, float]:
 
 
 def test_bad_input_one_line_no_traceback_nothing_written(tmp_path, small_testbed, capsys):
-    from sweeps.engine import main
+    from trainables.sweep.cli import main
 
     inputs = tmp_path / "inputs"
     inputs.mkdir()
@@ -128,8 +128,8 @@ def test_searcher_learns_the_outcome_of_a_failed_trial_finished_by_resume(_small
     must still hear the result (a FAIL alone teaches TPE nothing). Unit-level: no Ray started."""
     from optuna.trial import TrialState
 
-    from sweeps.engine import make_searcher
-    from sweeps.methods import METHODS
+    from trainables.sweep.searcher import make_searcher
+    from trainables.sweep.methods import METHODS
 
     limited = make_searcher(METHODS["lora"], 4, 2, "objective", "max", seed=0, max_concurrent=2)
     assert limited.suggest("t1") and limited.suggest("t2")
@@ -241,7 +241,7 @@ def test_driver_sigkilled_three_times_then_resumed(tmp_path, small_testbed):
     kills = []
     for k in range(3):
         # As a user would: --resume once the sweep's folder exists, even if the kill came before
-        # Ray's first snapshot (engine.has_snapshot: the sweep then starts again under its name).
+        # Ray's first snapshot (trainables.sweep.run.has_snapshot: the sweep then starts again under its name).
         resume = ["--resume"] if experiment.is_dir() else []
         log = tmp_path / f"run{k}.log"
         with log.open("w") as f:
@@ -300,7 +300,7 @@ def test_two_node_cluster_spreads_trials_and_shares_storage(tmp_path, small_test
     import ray
     from ray.cluster_utils import Cluster
 
-    from sweeps.engine import main
+    from trainables.sweep.cli import main
 
     home, storage = tmp_path / "mlruns", tmp_path / "shared"
     # Both trials wait until the other has started (<= 30 s): two at once means two nodes.
@@ -368,8 +368,8 @@ def test_searcher_treats_the_locality_floor_as_a_constraint(_small_world):
     samples around. Unit-level: no Ray started."""
     from optuna.samplers._tpe.sampler import _split_trials
 
-    from sweeps.engine import make_searcher
-    from sweeps.methods import METHODS
+    from trainables.sweep.searcher import make_searcher
+    from trainables.sweep.methods import METHODS
 
     searcher = make_searcher(METHODS["hier_lora"], 4, 2, "objective", "max", seed=0)
     assert searcher.suggest("edge") and searcher.suggest("inside")  # "adopted": never suggested

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trainables.common import local_reporter
-from trainables.lora import LoraTrainConfig, attach_lora, run_once, train_loop
+from trainables.lora.loop import LoraTrainConfig, attach_lora, run_once, train_loop
 from trainables.models import load_model
 
 
@@ -40,12 +40,13 @@ def test_hier_lora_leaves_every_parameter_outside_the_range_unchanged(small_test
     lora0 = {k: v.clone() for k, v in peft_model.named_parameters() if "lora_" in k}
     assert lora0 and all(any(f".layers.{i}." in k for i in range(start, end)) for k in lora0)
     # train this very model through the shared loop's pieces
-    from trainables.lora import _batch, training_examples
+    from trainables.lora.loop import training_examples
+    from trainables.tensors import pad_batch
 
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     ex = training_examples(tok, None)
     for i in range(0, len(ex), 4):
-        ids, mask, labels = _batch(ex[i : i + 4], tok.pad_token_id)
+        ids, mask, labels = pad_batch(ex[i : i + 4], tok.pad_token_id)
         peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         opt.step()
         opt.zero_grad()
@@ -104,7 +105,7 @@ def test_augment_adds_renamed_copies_that_keep_the_new_api(small_testbed):
 
     from trainables.apicheck import check_completion
     from trainables.data import load_migrations, load_training_pairs
-    from trainables.lora import training_examples
+    from trainables.lora.loop import training_examples
     from trainables.testbed import rename_variables
 
     _, tok = load_model("testbed")
@@ -155,11 +156,12 @@ def test_soft_generalization_rises_as_the_adapter_learns_and_progress_adds_it(sm
 
 
 def test_prompt_kl_is_zero_for_fresh_adapters_and_grows_when_they_move(small_testbed):
-    from trainables.lora import _batch, prompt_kl, training_examples
+    from trainables.lora.loop import prompt_kl, training_examples
+    from trainables.tensors import pad_batch
 
     model, tok = load_model("testbed")
     model = attach_lora(model, _cfg())
-    ids, mask, labels = _batch(training_examples(tok, None)[:4], tok.pad_token_id)
+    ids, mask, labels = pad_batch(training_examples(tok, None)[:4], tok.pad_token_id)
     kl0 = prompt_kl(model, ids, mask, labels, model(input_ids=ids, attention_mask=mask).logits)
     assert abs(kl0.item()) < 1e-5  # LoRA's B starts at 0: the adapted model is the base model
     with torch.no_grad():
@@ -185,7 +187,8 @@ def _moved(model, scale: float = 0.05):
 def test_base_pass_equals_a_full_forward_with_the_adapters_off(small_testbed, start):
     """The KL's base logits from the kept lower-layer state (start > 0) or a full pass
     (start 0) are the base model's, and the adapters train again afterwards."""
-    from trainables.lora import BasePass, _batch, training_examples
+    from trainables.lora.loop import BasePass, training_examples
+    from trainables.tensors import pad_batch
 
     torch.manual_seed(0)
     model, tok = load_model("testbed")
@@ -193,7 +196,7 @@ def test_base_pass_equals_a_full_forward_with_the_adapters_off(small_testbed, st
     base = BasePass(model, start)
     assert (base._hook is not None) == (start > 0)
     model.train()
-    ids, mask, labels = _batch(training_examples(tok, None)[:5], tok.pad_token_id)
+    ids, mask, labels = pad_batch(training_examples(tok, None)[:5], tok.pad_token_id)
     adapted = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).logits
     got = base.logits(ids, mask)
     with torch.no_grad(), model.disable_adapter():
@@ -202,7 +205,7 @@ def test_base_pass_equals_a_full_forward_with_the_adapters_off(small_testbed, st
     assert (adapted - want).abs().max() > 1e-3  # the adapters did change the logits
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
     # a batch the adapted model did not just run gets a full pass, not a stale state
-    other_ids, other_mask, _ = _batch(training_examples(tok, None)[5:8], tok.pad_token_id)
+    other_ids, other_mask, _ = pad_batch(training_examples(tok, None)[5:8], tok.pad_token_id)
     with torch.no_grad(), model.disable_adapter():
         want = model(input_ids=other_ids, attention_mask=other_mask).logits
     assert torch.allclose(base.logits(other_ids, other_mask), want, atol=1e-5)
@@ -211,7 +214,7 @@ def test_base_pass_equals_a_full_forward_with_the_adapters_off(small_testbed, st
 def test_length_grouped_batches_cover_every_example_once_with_less_padding():
     import random
 
-    from trainables.lora import length_grouped_batches
+    from trainables.lora.loop import length_grouped_batches
 
     rng = random.Random(0)
     lengths = [rng.randint(20, 100) for _ in range(301)]
@@ -257,7 +260,7 @@ def test_eval_epochs_limit_the_reports_to_those_epochs_and_the_last(small_testbe
 
 
 def test_anchor_windows_are_reproducible_and_share_no_line_with_the_locality_set():
-    from trainables.anchors import locality_lines, stdlib_windows
+    from trainables.lora.anchors import locality_lines, stdlib_windows
 
     raw = stdlib_windows(0)
     assert len(raw) > 1000 and raw == stdlib_windows(0) and raw != stdlib_windows(1)
@@ -271,8 +274,9 @@ def test_anchor_windows_are_reproducible_and_share_no_line_with_the_locality_set
 
 
 def test_anchor_rows_add_kl_positions_but_no_lm_loss(small_testbed):
-    from trainables.anchors import anchor_ids
-    from trainables.lora import _batch, anchor_indices, anchor_rows, training_examples
+    from trainables.lora.anchors import anchor_ids
+    from trainables.lora.loop import anchor_indices, anchor_rows, training_examples
+    from trainables.tensors import pad_batch
 
     torch.manual_seed(0)
     model, tok = load_model("testbed")
@@ -286,8 +290,8 @@ def test_anchor_rows_add_kl_positions_but_no_lm_loss(small_testbed):
     extra = anchor_rows(pool, anchor_indices(len(pool), 3, 5), width)
     assert extra != anchor_rows(pool, anchor_indices(len(pool), 3, 6), width)
     assert all(len(ids) <= width and n == len(ids) for ids, n in extra)
-    plain = _batch(rows, tok.pad_token_id)
-    mixed = _batch(rows + extra, tok.pad_token_id)
+    plain = pad_batch(rows, tok.pad_token_id)
+    mixed = pad_batch(rows + extra, tok.pad_token_id)
     assert mixed[0].shape == (7, width)  # no wider than the batch
     assert (mixed[2][4:] == -100).all()  # anchors: prompt only
     with torch.no_grad():
@@ -301,12 +305,13 @@ def test_anchors_keep_unrelated_code_closer_to_the_base(small_testbed, tmp_path)
     from the base on standard-library code it never trained on (windows past the used ones)."""
     from peft import PeftModel
 
-    from trainables.anchors import anchor_ids
-    from trainables.lora import _batch, prompt_kl
+    from trainables.lora.anchors import anchor_ids
+    from trainables.lora.loop import prompt_kl
+    from trainables.tensors import pad_batch
 
     _, tok = load_model("testbed")
     held_out = [(ids, len(ids)) for ids in anchor_ids(tok, 64)[-24:]]
-    ids, mask, labels = _batch(held_out, tok.pad_token_id)
+    ids, mask, labels = pad_batch(held_out, tok.pad_token_id)
     drift = {}
     for anchors in (0, 4):
         out = tmp_path / f"a{anchors}"
@@ -324,9 +329,10 @@ def test_frozen_states_give_the_ordinary_forward_and_base_logits(small_testbed, 
     """Starting the adapted forward at layer k from the stored base input to it, and taking
     the KL's base logits from the stored final state, equals running the whole model (adapters
     on, then off), anchor rows (stored at full length, cut to the batch) included."""
-    from trainables.anchors import anchor_ids
-    from trainables.frozen import FrozenStates
-    from trainables.lora import _batch, anchor_rows, training_examples
+    from trainables.lora.anchors import anchor_ids
+    from trainables.lora.frozen import FrozenStates
+    from trainables.lora.loop import anchor_rows, training_examples
+    from trainables.tensors import pad_batch
 
     torch.manual_seed(0)
     model, tok = load_model("testbed")
@@ -341,7 +347,7 @@ def test_frozen_states_give_the_ordinary_forward_and_base_logits(small_testbed, 
     pool = anchor_ids(tok, 128)
     pool_rows = [1, 300]  # two stored chunks (ANCHOR_CHUNK rows each), cut to the batch width
     rows += anchor_rows(pool, pool_rows, width)
-    ids, mask, labels = _batch(rows, tok.pad_token_id)
+    ids, mask, labels = pad_batch(rows, tok.pad_token_id)
     hk, final = frozen.batch(idx, width, frozen.anchor_batch(pool, pool_rows, width, tok.pad_token_id))
     got = frozen.forward(model, ids, mask, labels, hk)
     want = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
@@ -392,7 +398,7 @@ def test_frozen_states_are_shared_through_the_cache_and_change_nothing(small_tes
 def test_frozen_state_cache_stays_under_its_disk_limit(small_testbed, tmp_path, monkeypatch):
     """With a limit smaller than one example set the folder stays empty and the trial trains
     and scores as without a cache; with room for some sets it stops writing at the limit."""
-    from trainables import frozen
+    from trainables.lora import frozen
 
     cfg = _cfg(hierarchical=True, layer_start=2, layer_end=4, epochs=2, augment=1, kl_weight=0.5)
     memory = train_loop(cfg, local_reporter([]))
@@ -409,7 +415,7 @@ def test_frozen_state_cache_stays_under_its_disk_limit(small_testbed, tmp_path, 
 
 
 def test_frozen_states_stay_off_where_they_do_not_apply(small_testbed):
-    from trainables.frozen import FrozenStates
+    from trainables.lora.frozen import FrozenStates
 
     model, _ = load_model("testbed")
     model = attach_lora(model, _cfg())
@@ -496,7 +502,7 @@ def test_evaluation_from_stored_states_scores_like_the_whole_model(small_testbed
     layer_start from the base model's stored input to it, and scores exactly what the whole
     model does (predictions, metrics; log-probabilities up to float rounding)."""
     from trainables import evaluation
-    from trainables.frozen import FrozenStates
+    from trainables.lora.frozen import FrozenStates
 
     torch.manual_seed(0)
     migrations, locality = fixture_data

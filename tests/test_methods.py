@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from sweeps.methods import METHODS
+from trainables.sweep.methods import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
-LIBRARY = {"engine.py", "methods.py", "tracking.py", "report.py", "schedulers.py", "__init__.py"}  # imported, not run
+LIBRARY = {"__init__.py"}  # sweeps/ holds command-line scripts only; the engine is trainables/sweep/
 TOOLS = {"evaluate.py", "export_best.py", "cua_eval.py", "compare.py"} | LIBRARY
 
 
@@ -19,7 +19,15 @@ def test_every_method_has_its_script_and_space_and_nothing_else_does():
     for name, method in METHODS.items():
         assert (ROOT / "search_spaces" / f"{name}.py").is_file()
         assert re.search(rf'main\("{name}"\)', (ROOT / "sweeps" / f"{name}.py").read_text())
-        method.load_config_cls(), method.load_trainable(), method.load_space(), method.load_run_once()
+        assert isinstance(method.config_cls, type) and callable(method.trainable) and callable(method.run_once)
+        assert method.space.__module__ == f"search_spaces.{name}"  # one name per method everywhere
+        assert method.trainable.__module__ == method.run_once.__module__ == method.config_cls.__module__
+
+
+def test_sweeps_holds_only_command_line_scripts():
+    for p in (ROOT / "sweeps").glob("*.py"):
+        if p.name not in LIBRARY:
+            assert 'if __name__ == "__main__":' in p.read_text(), p.name
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "sweeps").glob("*.py") if p.name not in LIBRARY))

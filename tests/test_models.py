@@ -69,7 +69,7 @@ def test_hierarchical_adapters_train_only_their_layers_and_modules(family, targe
     attention and MLP both hold a ``c_proj``: ``mlp`` must not adapt the attention's."""
     from transformers import AutoModelForCausalLM
 
-    from trainables.lora import LoraTrainConfig, attach_lora
+    from trainables.lora.loop import LoraTrainConfig, attach_lora
     from trainables.models import arch_facts
 
     torch.manual_seed(0)
@@ -134,11 +134,18 @@ def _tiny_model(family: str, small_testbed: Path, out: Path) -> Path:
 def test_start_ids_follow_the_tokenizer_and_the_testbed(small_testbed, tmp_path):
     from transformers import AutoTokenizer
 
-    from trainables.models import start_ids, start_text
+    from trainables.lora.loop import training_examples
+    from trainables.tokens import start_ids, start_text, statement_end
 
     tb = AutoTokenizer.from_pretrained(small_testbed)
     assert start_ids(tb) == [tb.bos_token_id] and start_text(tb) == tb.bos_token  # pretrained after BOS
-    assert start_ids(_bosless_tokenizer(small_testbed, tmp_path / "q")) == []
+    qwen_like = _bosless_tokenizer(small_testbed, tmp_path / "q")
+    assert start_ids(qwen_like) == []
+    # what an update's targets end with: the testbed's EOS, a real model's newline
+    assert statement_end(tb) == "eos" and statement_end(qwen_like) == "newline"
+    assert {ids[-1] for ids, _ in training_examples(tb, None)} == {tb.eos_token_id}
+    real = training_examples(qwen_like, None)
+    assert all(qwen_like.decode(ids[-1:]).endswith("\n") and qwen_like.eos_token_id not in ids for ids, _ in real)
     # a tokenizer whose template adds BOS (Llama, CodeLlama): exactly that BOS
     from tokenizers import processors
 
@@ -223,10 +230,10 @@ def test_methods_complete_on_gpt2_modules(method, bosless_gpt2):
 
 
 def _smoke(method: str, model: Path) -> None:
-    from sweeps.methods import METHODS
+    from trainables.sweep.methods import METHODS
 
     m = METHODS[method]
-    out = m.load_run_once()({**m.fixed, **METHOD_SMOKE[method], "model": str(model)})
+    out = m.run_once({**m.fixed, **METHOD_SMOKE[method], "model": str(model)})
     assert out["trial_status"] == "completed", out
     for k in ("efficacy", "generalization", "locality", "objective"):
         assert 0.0 <= out[k] <= 1.0 or k == "objective", (k, out[k])

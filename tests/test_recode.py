@@ -57,7 +57,7 @@ def test_skip_bad_keeps_the_good_records_and_counts_the_rest(tmp_path):
 
 
 def test_engine_validates_once_and_hands_trials_a_clean_file(tmp_path, capsys, monkeypatch):
-    from sweeps.engine import UsageError, check_dataset
+    from trainables.sweep.checks import UsageError, check_dataset
 
     monkeypatch.setenv("APIUPDATE_CACHE", str(tmp_path / "cache"))
     p = _write(tmp_path, [GOOD, {**GOOD, "update_info": None}, {**GOOD, "dependency": "numpy"}])

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from trainables.rewards import (
+from trainables.policy.rewards import (
     RewardRecord, RewardScorer, api_reward, check_weights, combine, format_reward, run_programs,
 )
 

@@ -47,8 +47,8 @@ def no_bound(monkeypatch):
 
 
 def test_only_methods_that_run_generated_code_take_the_flag():
-    from sweeps.engine import build_parser
-    from sweeps.methods import METHODS
+    from trainables.sweep.cli import build_parser
+    from trainables.sweep.methods import METHODS
 
     assert [n for n, m in METHODS.items() if m.sandboxed] == ["grpo"]
     assert build_parser(METHODS["grpo"]).parse_args(["--allow-weak-sandbox"]).allow_weak_sandbox is True
@@ -59,8 +59,9 @@ def test_only_methods_that_run_generated_code_take_the_flag():
 def test_check_sandbox_refuses_or_tags_and_the_trial_policy_follows_the_config(no_bound):
     if sandbox.os.geteuid() != 0:
         pytest.skip("as non-root the caller's uid always bounds the count")
-    from sweeps.engine import UsageError, check_sandbox, sandbox_policy
-    from sweeps.methods import METHODS
+    from trainables.sweep.checks import UsageError, check_sandbox
+    from trainables.sweep.run import sandbox_policy
+    from trainables.sweep.methods import METHODS
 
     assert check_sandbox(METHODS["lora"], False) == {}  # runs no generated code: nothing checked
     with pytest.raises(UsageError, match="--allow-weak-sandbox"):

@@ -42,7 +42,8 @@ def smollm2():
 def test_gguf_converts_once_into_a_plain_folder_with_the_same_logits(smollm2):
     from transformers import AutoModelForCausalLM
 
-    from trainables.models import resolve, smollm2_gguf, start_ids
+    from trainables.models import resolve, smollm2_gguf
+    from trainables.tokens import start_ids
 
     folder = Path(resolve("smollm2"))
     assert resolve("smollm2") == str(folder)  # the cache answers the second time
@@ -80,7 +81,7 @@ def test_a_few_hier_lora_steps_lower_the_loss_and_move_only_the_chosen_layers(tm
     from peft import PeftModel
 
     from trainables.common import local_reporter
-    from trainables.lora import LoraTrainConfig, train_loop
+    from trainables.lora.loop import LoraTrainConfig, train_loop
     from trainables.models import load_model
 
     start, end = 26, 30

@@ -123,6 +123,8 @@ def test_a_trial_that_raises_is_resumed_from_its_checkpoint(tmp_path, small_test
     _, kids = children_of(mlflow_runs(home, "lora"), "flaky")
     failed = [k for k in kids if k["tags"]["trial_status"] == "failed"]
     assert len(failed) == 1 and "injected fault" in failed[0]["tags"].get("error", "")
+    # the frozen-state cache goes when the sweep ends, a failed trial or not (--resume recomputes)
+    assert not (home / "ray_results" / "flaky" / "frozen-states").exists()
     second = sweep("lora", "--resume", "--name", "flaky", "--mlruns", str(home), env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from checkpoint" in second.stdout + second.stderr
@@ -155,7 +157,7 @@ def test_logical_gpus_run_trials_side_by_side(tmp_path, small_testbed):
     0.5 packs 4, two per GPU id (Ray only assigns logical ids; the trials compute on the CPU)."""
     import ray
 
-    from sweeps.engine import main
+    from trainables.sweep.cli import main
 
     for gpus, n in (("1", 2), ("0.5", 4)):
         home = tmp_path / f"mlruns-{gpus}"
@@ -218,7 +220,7 @@ def test_every_reader_picks_the_same_best_trial_on_a_tie():
     the results arrive in (it did: the ROME summary and its export named different trials)."""
     import itertools
 
-    from sweeps.report import rank
+    from trainables.objective import rank
 
     trials = [("a", {"objective": 0.99, "trainable_params": 100, "locality": 0.96}),
               ("b", {"objective": 0.99, "trainable_params": 100, "locality": 0.98}),
@@ -237,7 +239,7 @@ def test_every_reader_picks_the_same_best_trial_on_a_tie():
 def test_asha_rungs_are_where_ray_asha_compares_trials():
     from ray.tune.schedulers.async_hyperband import _Bracket
 
-    from sweeps.engine import asha_rungs
+    from trainables.sweep.scheduler import asha_rungs
 
     for max_t in (1, 2, 3, 4, 8, 9, 10, 27, 30):
         want = sorted(m for m, _ in _Bracket(1, max_t, 3, 0)._rungs if m < max_t)
@@ -252,7 +254,7 @@ def test_stall_rule_stops_trials_that_did_not_beat_the_untrained_model_at_the_fi
 
     from ray.tune.schedulers import TrialScheduler
 
-    from sweeps.schedulers import StallASHA
+    from trainables.sweep.scheduler import StallASHA
 
     def run(floor, reports):
         sched = StallASHA(floor=floor, time_attr="epoch", metric="progress", mode="max", max_t=4,
@@ -272,3 +274,23 @@ def test_stall_rule_stops_trials_that_did_not_beat_the_untrained_model_at_the_fi
     assert plain[:3] == [C, C, C]  # plain ASHA: the first ones pass on noise
     assert floored[:3] == [S, S, C]  # a, b: no better than the base model
     assert floored[3:] == plain[3:]  # c at rung 3, d's final result: ASHA's decisions
+
+
+@pytest.mark.slow
+def test_a_diverging_ddp_trial_stops_on_every_rank_together(tmp_path, small_testbed):
+    """lr 10 without clipping on two DDP workers: every rank judges the averaged loss, so both
+    stop at the same step and the trial ends as diverged instead of one rank waiting forever in
+    the next all-reduce."""
+    import yaml
+
+    home = tmp_path / "mlruns"
+    cfg = tmp_path / "diverge.yaml"
+    cfg.write_text(yaml.safe_dump({"method": "lora", "config": {
+        "hierarchical": False, "lr": 10.0, "max_grad_norm": None, "epochs": 2, "batch_size": 4, "r": 4,
+        "target": "all", "warmup_ratio": 0.0}}))
+    out = sweep("lora", "--config", str(cfg), "--workers-per-trial", "2", "--name", "ddp-diverge",
+                "--mlruns", str(home), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (out.stdout + out.stderr).count("diverged:") >= 2  # both ranks said so
+    kids = [r for r in mlflow_runs(home, "lora") if r["tags"].get("sweep") == "ddp-diverge"]
+    assert len(kids) == 1 and kids[0]["tags"]["trial_status"] == "diverged", kids

@@ -15,16 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
-# Objective given to a trial whose loss or gradient went non-finite. The real objective lies in
-# [-3.8, 1] (generalization minus the locality penalty), so a diverged trial can never be best,
-# and TPE still learns that region is bad (a FAIL state would teach it nothing).
-DIVERGED_OBJECTIVE = -10.0
-
-# Objective of a trial that ran out of accelerator memory (torch.OutOfMemoryError). The engine
-# records it as a finished trial with this value rather than an Optuna FAIL: TPE builds its
-# good / bad densities from COMPLETE and PRUNED trials only (optuna/samplers/_tpe/sampler.py),
-# so a FAIL would teach it nothing and it would propose the same memory-hungry corner again.
-OOM_OBJECTIVE = DIVERGED_OBJECTIVE
+from trainables.hooks import fire
 
 STATUS_COMPLETED = "completed"
 STATUS_PRUNED = "pruned"
@@ -63,6 +54,17 @@ class DivergenceGuard:
                            f"(first step {self.first:.3g})")
 
 
+def trial_status(result: dict | None, errored: bool) -> str:
+    """A trial's outcome from its last result: failed, pruned (stopped early), diverged, completed."""
+    if errored:
+        return STATUS_FAILED
+    if not result:
+        return STATUS_PRUNED
+    if result.get("trial_status") in (STATUS_DIVERGED, STATUS_FAILED):  # failed: out of memory (sweep.run.oom_guard)
+        return result["trial_status"]
+    return STATUS_COMPLETED if result.get("final") else STATUS_PRUNED
+
+
 def config_from_dict(cls, config: dict[str, Any]):
     """Build a method's dataclass from a trial config, ignoring engine-only keys (``_...``) and
     the search space's helper parameters (``cls.SEARCH_ONLY``, e.g. ``layer_span``, whose
@@ -77,7 +79,8 @@ def config_from_dict(cls, config: dict[str, Any]):
 
 def set_threads(n: int) -> None:
     """One intra-op thread per trial CPU: torch's default (all cores) made 2 concurrent trials
-    6x slower on 2 cores (DESIGN s5: ~2,000 vs ~330 tokens/s)."""
+    6x slower on 2 cores (a 1.8 M-parameter Llama: ~2,000 tokens/s with 1 thread, ~330 with 2 while
+    another process holds a core)."""
     import torch
 
     torch.set_num_threads(max(1, int(n)))
@@ -122,7 +125,7 @@ def tune_reporter() -> Reporter:
     where = {"gpu_ids": gpu_ids, "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
 
     def report(metrics: dict, ckpt_dir: str | None) -> None:
-        maybe_inject_report_fault()
+        fire("report")
         metrics = {**metrics, **where}
         if ckpt_dir is None:
             tune.report(metrics)
@@ -170,103 +173,6 @@ def local_reporter(history: list[dict] | None = None, keep_checkpoint: str | Non
         return keep_checkpoint if keep_checkpoint and Path(keep_checkpoint, "state.pt").is_file() else None
 
     return Reporter(report, restore)
-
-
-def maybe_inject_fault(epoch: int) -> None:
-    """Fault injection for the resilience tests, off unless APIUPDATE_FAULT is set.
-
-    ``raise_once:PATH``: the first trial to finish an epoch creates PATH and raises, once per
-    PATH across all processes (O_EXCL), so the sweep has exactly one errored trial to resume.
-    """
-    spec = os.environ.get("APIUPDATE_FAULT", "")
-    kind, _, path = spec.partition(":")
-    if kind != "raise_once" or not path:
-        return
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.close(fd)
-    raise RuntimeError(f"injected fault after epoch {epoch} (APIUPDATE_FAULT)")
-
-
-def _claim(folder: Path, trial_id: str, taken: tuple[Path, ...] = ()) -> bool:
-    """True when ``trial_id`` is (or now becomes, first come first served across processes) the
-    one victim recorded in ``folder/victim``; a trial already named in ``taken`` cannot be."""
-    folder.mkdir(parents=True, exist_ok=True)
-    victim = folder / "victim"
-    if any(p.is_file() and p.read_text() == trial_id for p in taken):
-        return False
-    try:
-        fd = os.open(victim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return victim.read_text() == trial_id
-    with os.fdopen(fd, "w") as f:
-        f.write(trial_id)
-    return True
-
-
-def maybe_inject_report_fault() -> None:
-    """Fault injection at a Tune trial's report (any method), off unless APIUPDATE_FAULT says so.
-
-    Specs, comma-separated (each DIR is the fault's own folder of marker files):
-
-    - ``oom:DIR``: the first trial to report raises ``torch.cuda.OutOfMemoryError`` (as a real
-      CUDA OOM would, mid-training); only that trial, once.
-    - ``sigkill:DIR:K``: the first trial to report (not the ``oom`` victim) SIGKILLs its own
-      worker process, as the kernel's OOM killer or a preempted node would; it does so again at
-      each retry until it has been killed K times, so K > --max-failures marks it failed.
-    """
-    specs = [s for s in os.environ.get("APIUPDATE_FAULT", "").split(",") if s]
-    faults = {s.partition(":")[0]: s.partition(":")[2] for s in specs}
-    if "oom" not in faults and "sigkill" not in faults:
-        return
-    from ray import tune
-
-    trial_id = tune.get_context().get_trial_id() or "?"
-    oom_dir = Path(faults["oom"]) if faults.get("oom") else None
-    if oom_dir is not None and _claim(oom_dir, trial_id) and not (oom_dir / "raised").exists():
-        (oom_dir / "raised").touch()
-        import torch
-
-        raise torch.cuda.OutOfMemoryError(
-            "CUDA out of memory. Tried to allocate 2.00 GiB (simulated by APIUPDATE_FAULT)")
-    if faults.get("sigkill"):
-        folder, _, times = faults["sigkill"].rpartition(":")
-        folder_p = Path(folder)
-        taken = (oom_dir / "victim",) if oom_dir is not None else ()
-        if not _claim(folder_p, trial_id, taken):
-            return
-        for k in range(1, int(times) + 1):
-            try:
-                fd = os.open(folder_p / f"kill-{k}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                continue
-            os.close(fd)
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def maybe_wait_at_barrier(timeout: float = 30.0) -> None:
-    """Concurrency checks, off unless APIUPDATE_BARRIER=DIR:N is set: each trial announces itself
-    in DIR and waits (at most ``timeout``) until N trials have, so a test can tell "N ran at
-    once" from start-up staggering."""
-    spec = os.environ.get("APIUPDATE_BARRIER", "")
-    folder, _, n = spec.rpartition(":")
-    if not folder or not n.isdigit():
-        return
-    import time
-    import uuid
-
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    Path(folder, uuid.uuid4().hex).touch()
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        arrived = len(list(Path(folder).iterdir()))
-        if arrived % int(n) == 0:
-            return
-        time.sleep(0.05)
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random,

@@ -4,7 +4,7 @@ A record pairs a *synthetic* update of a library function (``update``: docstring
 signature, ``implementation`` written on top of the captured ``old_<fn>``) with a program
 synthesis problem that needs the update (``scenario``, ``problem``, ``solution_signature``) and
 unit tests whose expected values are computed with the updated function. Record format:
-DESIGN.md section 4; sample: ``../shared/data/codeupdatearena_dev/dev_sample.jsonl``.
+format: one JSON record per line (update, scenario, problem, unit_tests, ref_solution, ...); sample: ``../shared/data/codeupdatearena_dev/dev_sample.jsonl``.
 
 Each candidate solution runs twice, each time as one program in the sandbox
 (``trainables.sandbox.run_code``; never in this process):
@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from trainables.data import DataError, _Checker, _records
+from trainables.data import Checker, DataError, read_records
 
 # numpy / torch / sympy programs: importing torch takes ~2-4 s on the busy 2-core machine and
 # ~1.3 GB of address space; 4 GiB leaves room for the tests' arrays. One test of the sample
@@ -84,12 +84,12 @@ def load_cua(path: str | Path) -> list[CuaRecord]:
     """Validated CodeUpdateArena records; a bad one raises DataError naming file, line, field."""
     path = Path(path)
     out: list[CuaRecord] = []
-    for line, obj in _records(path):
-        c = _Checker(path, line, obj)
+    for line, obj in read_records(path):
+        c = Checker(path, line, obj)
         update = obj.get("update")
         if not isinstance(update, dict):
             raise c.fail("update", "missing" if update is None else "expected an object")
-        u = _Checker(path, line, update)
+        u = Checker(path, line, update)
         try:
             ufields = {f: u.str(f) for f in UPDATE_FIELDS}
         except DataError as e:
@@ -324,7 +324,7 @@ def sample_solutions(model, tokenizer, records: list[CuaRecord], k: int, tempera
     for r in records:
         text = prompt(r)
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        from trainables.models import start_ids
+        from trainables.tokens import start_ids
 
         if start_ids(tokenizer):
             ids = torch.cat([torch.tensor([start_ids(tokenizer)]), ids], dim=1)

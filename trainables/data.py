@@ -148,7 +148,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str, dict[str, Any] | DataError]]:
         yield n, line, obj
 
 
-def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for each non-blank line; bad JSON or encoding -> DataError."""
     for n, _, obj in _lines(path):
         if isinstance(obj, DataError):
@@ -163,7 +163,7 @@ def _json_type(v: Any) -> str:
     return names.get(type(v), type(v).__name__)
 
 
-class _Checker:
+class Checker:
     def __init__(self, path: Path, line: int, obj: dict[str, Any]):
         self.path, self.line, self.obj = path, line, obj
 
@@ -197,7 +197,7 @@ class _Checker:
         return v
 
 
-def _contexts(c: _Checker, field: str, minimum: int, deprecated: str, replacement: str) -> tuple[Context, ...]:
+def _contexts(c: Checker, field: str, minimum: int, deprecated: str, replacement: str) -> tuple[Context, ...]:
     raw = c.obj.get(field)
     if raw is None:
         raise c.fail(field, "missing")
@@ -210,7 +210,7 @@ def _contexts(c: _Checker, field: str, minimum: int, deprecated: str, replacemen
         where = f"{field}[{i}]"
         if not isinstance(ctx, dict):
             raise c.fail(where, "expected an object with prompt, old, new")
-        sub = _Checker(c.path, c.line, ctx)
+        sub = Checker(c.path, c.line, ctx)
         try:
             prompt, old, new = sub.str("prompt"), sub.str("old"), sub.str("new")
         except DataError as e:
@@ -261,7 +261,7 @@ def _cached(default_path):
     return decorate
 
 
-def _migration(c: _Checker, seen: dict[str, int], prompts: dict[str, int]) -> Migration:
+def _migration(c: Checker, seen: dict[str, int], prompts: dict[str, int]) -> Migration:
     """One validated migration record. ``seen`` (ids) and ``prompts`` are updated only when the
     record is good, so a skipped record never blocks a later one."""
     mid = c.str("id")
@@ -297,7 +297,7 @@ def load_migrations(path: str | Path | None = None) -> list[Migration]:
     path = Path(path or migrations_path())
     seen: dict[str, int] = {}
     prompts: dict[str, int] = {}
-    out = [_migration(_Checker(path, line, obj), seen, prompts) for line, obj in _records(path)]
+    out = [_migration(Checker(path, line, obj), seen, prompts) for line, obj in read_records(path)]
     if not out:
         raise DataError(f"{path}: no records")
     return out
@@ -309,8 +309,8 @@ def load_locality(path: str | Path | None = None) -> list[LocalitySnippet]:
     out: list[LocalitySnippet] = []
     seen: dict[str, int] = {}
     prompts: dict[str, int] = {}
-    for line, obj in _records(path):
-        c = _Checker(path, line, obj)
+    for line, obj in read_records(path):
+        c = Checker(path, line, obj)
         sid = c.unique("id", seen)
         prompt, completion = c.str("prompt"), c.str("completion")
         if not prompt.endswith("\n"):
@@ -355,8 +355,8 @@ def load_test_contexts(
     test_prompts: dict[str, int] = {}
     first_line: dict[str, int] = {}
     out: dict[str, tuple[Context, ...]] = {}
-    for line, obj in _records(path):
-        c = _Checker(path, line, obj)
+    for line, obj in read_records(path):
+        c = Checker(path, line, obj)
         mid = c.str("id")
         if mid not in by_id:
             raise c.fail("id", f"unknown migration {mid!r}")
@@ -423,8 +423,8 @@ def load_specificity(
     out: list[SpecificitySnippet] = []
     seen: dict[str, int] = {}
     prompts: dict[str, int] = {}
-    for line, obj in _records(path):
-        c = _Checker(path, line, obj)
+    for line, obj in read_records(path):
+        c = Checker(path, line, obj)
         sid = c.unique("id", seen)
         if not SPECIFICITY_ID.fullmatch(sid):
             raise c.fail("id", f"expected spec-NNN, got {sid!r}")
@@ -496,7 +496,7 @@ def detect_format(path: str | Path) -> str:
     raise DataError(f"{path}: no records")
 
 
-def _recode_record(c: _Checker) -> TrainPair:
+def _recode_record(c: Checker) -> TrainPair:
     """One validated ReCode record as a training pair.
 
     Every field must be a non-empty string (the public copy has 21 records, lines 661-681, with
@@ -516,7 +516,7 @@ def recode_pair(obj: dict[str, Any], source: str) -> TrainPair:
 
     The comment reads ``# requires: <dependency><new_version>: <note>``, e.g.
     ``# requires: pandas==2.0.0: DataFrame.append was removed ...``: the same
-    ``# requires:`` header the testbed's rare new-API files carry (testbed.version_tag)."""
+    ``# requires:`` header the testbed's rare new-API files carry (data.version_tag)."""
     old_lines, new_lines = obj["old_code"].splitlines(), obj["new_code"].splitlines()
     k = 0
     while k < min(len(old_lines), len(new_lines)) - 1 and old_lines[k] == new_lines[k]:
@@ -565,7 +565,7 @@ def scan_training_data(path: str | Path) -> DatasetScan:
         if isinstance(obj, DataError):
             bad.append((line, str(obj)))
             continue
-        c = _Checker(path, line, obj)
+        c = Checker(path, line, obj)
         try:
             if fmt == "recode":
                 pairs.append(_recode_record(c))
@@ -593,3 +593,8 @@ def load_training_pairs(path: str | Path | None = None, *, skip_bad: bool = Fals
     if not scan.pairs:
         raise DataError(f"{path}: no usable records" + (f" ({len(scan.bad)} bad)" if scan.bad else ""))
     return list(scan.pairs)
+
+
+def version_tag(m) -> str:
+    """Header line of the rare new-API files in the corpus (``# requires: pandas>=2.0``)."""
+    return f"# requires: {m.library}>={m.new_version}\n"

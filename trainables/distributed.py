@@ -2,7 +2,7 @@
 
 Ray Train V2 (default since 2.51) forbids ``Tuner(TorchTrainer(...))``; the documented interop is
 a Tune function that builds a ``TorchTrainer`` per trial with a deterministic run name and
-``TuneReportCallback`` (DESIGN s3). The deterministic name (sweep + trial id) under the sweep's
+``TuneReportCallback`` (Ray Train V2: calling ``ray.train`` inside a Tune function raises). The deterministic name (sweep + trial id) under the sweep's
 storage path lets a retried trial's Train run find its own latest checkpoint again.
 Start-up costs ~20-27 s per trial on 2 CPUs, hence only for ``--workers-per-trial > 1``.
 """
@@ -12,14 +12,27 @@ import os
 from typing import Callable
 
 
+def ddp_fits(nodes: list[dict], workers: int, cpus: float, gpus: float) -> bool:
+    """Can ``workers`` DDP workers of ``cpus`` CPUs (x 0.99, below) and ``gpus`` GPUs each be
+    placed on these nodes (Ray's per-node resource dicts, ``CPU`` / ``GPU``)? Ray would otherwise
+    wait for them forever."""
+    slots = 0
+    for n in nodes:
+        fit = int(n.get("CPU", 0) // (cpus * 0.99))
+        if gpus > 0:
+            fit = min(fit, int(n.get("GPU", 0) // gpus + 1e-9))
+        slots += fit
+    return slots >= workers
+
+
 def run_ddp_trial(worker_fn: Callable[[dict], None], config: dict, workers: int, use_gpu: bool,
-                  cpus_per_worker: float) -> None:
+                  cpus_per_worker: float, gpus_per_worker: float = 1.0) -> None:
     import ray.train
     from ray import tune
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    # ~5 s of teardown per trial at the default interval, ~1 s at 0.5 s (DESIGN s5).
+    # ~5 s of teardown per trial at the default interval, ~1 s at 0.5 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     ctx = tune.get_context()
     storage = config.get("_storage_path") or os.path.expanduser("~/ray_results")
@@ -29,8 +42,9 @@ def run_ddp_trial(worker_fn: Callable[[dict], None], config: dict, workers: int,
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=use_gpu,
             # 0.99: the Tune function driving this trainer holds 0.01 CPU, so on 2 CPUs two
-            # 1-CPU workers would never fit (DESIGN s5: "two trainers never run at once").
-            resources_per_worker={"CPU": cpus_per_worker * 0.99, **({"GPU": 1} if use_gpu else {})},
+            # 1-CPU workers would never fit (measured: two trainers never ran at once).
+            # each worker takes --gpus-per-trial of a GPU (0.5: two workers share one)
+            resources_per_worker={"CPU": cpus_per_worker * 0.99, **({"GPU": gpus_per_worker} if use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
             name=f"{ctx.get_experiment_name()}-{ctx.get_trial_id()}-ddp",

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from trainables.apicheck import check_completion
-from trainables.models import start_ids
+from trainables.objective import objective, progress
+from trainables.tokens import start_ids
 
 if TYPE_CHECKING:  # torch is imported lazily so that `--help` stays fast
     import torch
@@ -39,19 +40,6 @@ if TYPE_CHECKING:  # torch is imported lazily so that `--help` stays fast
 # Completions are the rest of one statement: the data's lines are <= 90 characters (~30 BPE
 # tokens on code); 64 leaves room for a call a real model continues over a second line.
 MAX_NEW_TOKENS = 64
-LOCALITY_FLOOR = 0.95  # the objective penalises locality below this (no-forgetting constraint)
-LOCALITY_PENALTY = 4.0  # 1 point of locality below the floor costs 4 points of generalization
-# Weight of soft_generalization in `progress`: 0.1 * its range is ~4 probe contexts of 136.
-PROGRESS_WEIGHT = 0.1
-# The least improvement of `progress` over the untrained model a trial must show at ASHA's first
-# rung (sweeps/schedulers.py): 0.001 of soft_generalization (the untrained testbed's is 0.0002).
-# In headline run 8a, the 5 trials with lr <= 1.1e-3 that passed the first rung had moved it by
-# <= 0.0006 and ended at objective <= 0.05; every trial that ended above 0.25 had moved it by
-# >= 0.0012 there. 0.01 (session 7) also stopped slow starters (0.0012-0.0054 after a first
-# epoch without renamed copies, ending at 0.26-0.56) and misled TPE (runs 7c, 7d).
-STALL_DELTA = PROGRESS_WEIGHT * 0.001
-
-
 @dataclass(frozen=True)
 class Prediction:
     kind: str  # "train" | "probe" | "locality"
@@ -125,7 +113,7 @@ def _token_brackets(tokenizer):
     return cache
 
 
-def _newline_ids(tokenizer) -> torch.Tensor:
+def newline_ids(tokenizer) -> torch.Tensor:
     """Ids of tokens whose text contains a newline: a completion ends at the first one."""
     import torch
 
@@ -176,7 +164,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list[str] = [""] * len(prompts)
     pad = tokenizer.pad_token_id
-    newline = _newline_ids(tokenizer).to(device)
+    newline = newline_ids(tokenizer).to(device)
     eos = torch.tensor([tokenizer.eos_token_id], device=device)
     brackets = _token_brackets(tokenizer).to(device)
     was_training = model.training
@@ -232,25 +220,6 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
-def objective(metrics: dict) -> float:
-    """Generalization subject to locality: one scalar for the search to maximise."""
-    shortfall = max(0.0, LOCALITY_FLOOR - metrics["locality"])
-    return metrics["generalization"] - LOCALITY_PENALTY * shortfall
-
-
-def progress(metrics: dict) -> float:
-    """The objective plus a continuous tie-breaker, for ASHA's rungs.
-
-    After one epoch most trials have generalization exactly 0 (no probe flipped yet) and
-    locality 1, so the objective ties and ASHA (which stops a trial only when it is strictly
-    below the cutoff) stopped almost nothing: 6-7 of 40 in the headline sweep, and it stopped
-    some trials that had started to learn (locality dipping) in favour of ones that had not
-    moved. ``soft_generalization`` moves as soon as the adapter starts to prefer the new API
-    on held-out code, long before a greedy completion flips. The final objective, the one
-    Optuna and the best-trial choice see, is unchanged."""
-    return metrics["objective"] + PROGRESS_WEIGHT * metrics.get("soft_generalization", 0.0)
-
-
 def _trunk(model):
     """(decoder, head) when ``model``'s logits are ``head(decoder(...).last_hidden_state)`` (a
     plain model of a ``SHARED_TRUNK_TYPES`` architecture, or a PEFT LoRA model of one: LoRA's
@@ -276,7 +245,7 @@ def _clean_stop_ids(tokenizer) -> set[int]:
     that open a bracket after it (``"\n("``): :func:`generate` counts a token's brackets before
     it decides, so such a token continues the statement."""
     brackets = _token_brackets(tokenizer)
-    stops = {int(i) for i in _newline_ids(tokenizer)
+    stops = {int(i) for i in newline_ids(tokenizer)
              if tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(int(i))]).startswith("\n")
              and int(brackets[int(i)]) <= 0}
     return stops | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
@@ -305,7 +274,7 @@ def score_lines(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int 
     at layer k."""
     import torch
 
-    from trainables.frozen import pad_states, stack
+    from trainables.tensors import pad_states, stack
 
     device = next(model.parameters()).device
     trunk = _trunk(model)
@@ -540,13 +509,25 @@ def merged_copy(model):
     return merged
 
 
-def default_eval_data(model_name: str) -> tuple:
+def default_eval_data(model_name: str, device: str = "cpu", dtype: str = "fp32") -> tuple:
     """(migrations, locality snippets, the base model's locality completions) from data/: what
-    every training method is scored on, whatever it trained on."""
+    every training method is scored on, whatever it trained on. ``device`` / ``dtype``: where
+    and how the trial runs, so that its completions are compared with the base model's made the
+    same way (a bf16 GPU model and an fp32 CPU model can part on near-ties)."""
     from trainables.data import load_locality, load_migrations
 
     locality = load_locality()
-    return load_migrations(), locality, base_locality(model_name, locality)
+    return load_migrations(), locality, base_locality(model_name, locality, device=device, dtype=dtype)
+
+
+def _precision_key(device: str, dtype: str) -> list:
+    """The part of a reference's cache key that says how it was computed: fp32 on the CPU keeps
+    the key it always had, so existing caches stay valid."""
+    from trainables.models import resolve_dtype
+
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    precision = resolve_dtype(dtype, device)
+    return [] if (kind, precision) == ("cpu", "fp32") else [kind, precision]
 
 
 def _cached(kind: str, key_parts, compute):
@@ -565,36 +546,47 @@ def _cached(kind: str, key_parts, compute):
     return out
 
 
-def base_locality(model_name: str, locality, load=None) -> list[str]:
-    """The base model's locality completions, cached on disk per model + locality data."""
+def base_locality(model_name: str, locality, load=None, device: str = "cpu", dtype: str = "fp32") -> list[str]:
+    """The base model's locality completions, cached on disk per model, locality data, device
+    kind and precision."""
     from trainables.models import load_model, resolve
 
     resolved = resolve(model_name)
 
     def compute():
-        model, tokenizer = (load or load_model)(resolved)
+        model, tokenizer = load(resolved) if load else load_model(resolved, device=device, dtype=dtype)
         return generate(model, tokenizer, [s.prompt for s in locality])
 
-    return _cached("base_locality", [resolved, [(s.prompt, s.completion) for s in locality], MAX_NEW_TOKENS],
-                   compute)
+    return _cached("base_locality", [resolved, [(s.prompt, s.completion) for s in locality], MAX_NEW_TOKENS,
+                                     *_precision_key(device, dtype)], compute)
 
 
-def base_progress(model_name: str) -> float:
+def base_progress(model_name: str, device: str = "cpu", dtype: str = "fp32") -> float:
     """``progress`` of the untrained model on a quick evaluation of data/ (the reference a
-    trial must beat at the first rung: ``sweeps.schedulers.StallASHA``), cached on disk per model +
+    trial must beat at the first rung: ``trainables.sweep.scheduler.StallASHA``), cached on disk per model +
     data."""
     from trainables.data import load_locality, load_migrations
     from trainables.models import load_model, resolve
 
     resolved = resolve(model_name)
     migrations, locality = load_migrations(), load_locality()
-    base = base_locality(model_name, locality)
+    base = base_locality(model_name, locality, device=device, dtype=dtype)
 
     def compute():
-        model, tokenizer = load_model(resolved)
+        model, tokenizer = load_model(resolved, device=device, dtype=dtype)
         return evaluate(model, tokenizer, migrations, locality, base, quick=True)[0]["progress"]
 
     key = [resolved, [(m.id, m.deprecated, m.replacement, [(c.prompt, c.old, c.new) for c in m.train_contexts + m.probe_contexts])
                       for m in migrations], [(s.prompt, s.completion) for s in locality], MAX_NEW_TOKENS,
-           "quick: all locality prompts"]
+           "quick: all locality prompts", *_precision_key(device, dtype)]
     return float(_cached("base_progress", key, compute))
+
+
+def references(model_name: str, device: str, dtype: str, progress_too: bool) -> float | None:
+    """The base model's references a sweep's trials compare with (locality completions, and the
+    stall rule's ``base_progress``), made once and cached; the driver runs this where the
+    trials run (a GPU task when they have GPUs)."""
+    from trainables.data import load_locality
+
+    base_locality(model_name, load_locality(), device=device, dtype=dtype)
+    return base_progress(model_name, device=device, dtype=dtype) if progress_too else None

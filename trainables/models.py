@@ -232,39 +232,53 @@ def check_model_type(model_type: str | None, name: str) -> None:
                          f"facts for (known: {', '.join(sorted(ARCH_FACTS))}); add an ArchFacts entry")
 
 
-# --------------------------------------------------------------------------- tokens
-def start_ids(tokenizer) -> list[int]:
-    """The ids every sequence starts with: what the tokenizer's own template puts first (a Llama
-    or CodeLlama BOS), or the testbed's BOS (it was pretrained after one). Empty for tokenizers
-    that add none (Qwen2 has no BOS token at all; SmolLM2's BOS is the chat marker
-    ``<|im_start|>`` and GPT-2's is its end-of-text token, neither of which starts plain code).
-    Memoised on the tokenizer."""
-    memo = tokenizer.__dict__.get("_apiupdate_start")
-    if memo is not None:
-        return memo
-    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
-    full = tokenizer("x", add_special_tokens=True)["input_ids"]
-    ids = next((list(full[:i]) for i in range(len(full)) if full[i : i + len(plain)] == plain), [])
-    if not ids and tokenizer.bos_token_id is not None and is_testbed(getattr(tokenizer, "name_or_path", "")):
-        ids = [tokenizer.bos_token_id]
-    tokenizer.__dict__["_apiupdate_start"] = ids
-    return ids
+# --------------------------------------------------------------------------- precision
+DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
-def start_text(tokenizer) -> str:
-    """:func:`start_ids` as text, for APIs that take strings (TRL's prompts)."""
-    ids = start_ids(tokenizer)
-    return tokenizer.decode(ids) if ids else ""
+def check_dtype(name: str) -> None:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
 
 
-def is_testbed(path: str | Path) -> bool:
-    """A folder built by ``trainables.testbed`` (it writes ``testbed.json`` beside the weights)."""
-    return bool(path) and (Path(path) / "testbed.json").is_file()
+def resolve_dtype(name: str, device: str, bf16_ok: bool | None = None) -> str:
+    """``auto`` -> ``bf16`` on a CUDA device that has it (Ampere and later: the fp32 range
+    without fp16's loss scaling), ``fp32`` anywhere else: on the CPU bf16 matmuls are ~5x slower
+    than fp32 here and fp16 is not supported for training. An explicit choice stands."""
+    check_dtype(name)
+    if name != "auto":
+        return name
+    if not str(device).startswith("cuda"):
+        return "fp32"
+    if bf16_ok is None:
+        import torch
+
+        bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return "bf16" if bf16_ok else "fp32"
 
 
-def load_model(name: str, device: str = "cpu", dtype=None):
+def torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def attention_for(device: str, dtype: str) -> str:
+    """The fastest attention transformers can run here: FlashAttention 2 on CUDA in half
+    precision where the ``flash_attn`` package is installed, else PyTorch's SDPA (which picks
+    its own flash / memory-efficient kernel on CUDA)."""
+    if str(device).startswith("cuda") and dtype in ("bf16", "fp16") and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(name: str, device: str = "cpu", dtype: str | None = None, gradient_checkpointing: bool = False):
     """(model, tokenizer) for `testbed`, `smollm2`, a GGUF file, a local path or a hub id;
-    the tokenizer pads on the left (with EOS where it has no pad token)."""
+    the tokenizer pads on the left (with EOS where it has no pad token).
+
+    ``dtype``: ``auto`` | ``bf16`` | ``fp16`` | ``fp32`` (``resolve_dtype``; None = fp32). On
+    CUDA, TF32 matmuls are on (fp32 work runs on the tensor cores at ~10 bits of mantissa, which
+    training tolerates) and attention is ``attention_for``'s choice."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -276,8 +290,19 @@ def load_model(name: str, device: str = "cpu", dtype=None):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    precision = resolve_dtype(dtype or "fp32", device)
+    kwargs = {}
+    if str(device).startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        kwargs["attn_implementation"] = attention_for(device, precision)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(precision), **kwargs)
     model.to(device)
+    if gradient_checkpointing:
+        # recompute activations in the backward: less memory for ~30% more compute; with PEFT the
+        # inputs must require grad or the checkpointed blocks see no trainable input
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model.eval()
     return model, tokenizer
 

@@ -15,7 +15,7 @@ placed before the unchanged code prompt, and the completion is scored by the sha
 - ``basic``: the code prompt alone (the base model; the zero row of the comparison);
 - ``context``: a ``# requires: <lib>>=<version>`` line per library: the form in which real code
   states its environment (requirements headers, PEP 723 ``dependencies``), and the form in which
-  the testbed saw its few new-API files (``trainables.testbed.version_tag``);
+  the testbed saw its few new-API files (``trainables.data.version_tag``);
 - ``rules``: ``# <lib>>=<version>: <old line> -> <new line>`` rewrite rules;
 - ``cot``: "chain of thought" as far as a code model can take it: the version line, the rules
   as numbered steps and a last step saying to write the new API. A 1 M-parameter model cannot
@@ -69,8 +69,14 @@ class PromptConfig:
     threads: int = 1
     workers: int = 1  # accepted for the engine; a prompt evaluation runs in one process
     use_gpu: bool = False
+    # auto: bf16 on a GPU that has it, fp32 on the CPU (trainables.models.resolve_dtype)
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False  # accepted for a uniform command line; nothing is trained by backprop
 
     def __post_init__(self) -> None:
+        from trainables.models import check_dtype
+
+        check_dtype(self.dtype)
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.knowledge not in KNOWLEDGE:
@@ -244,11 +250,11 @@ def evaluate_prompt(cfg: PromptConfig, reporter: Reporter) -> dict:
         return metrics
     torch.manual_seed(cfg.seed)
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model(cfg.model, device=device)
+    model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype)
     migrations, locality = load_migrations(), load_locality()  # evaluation: always data/
     rules = extract_rules(load_migrations(cfg.dataset) if cfg.dataset else migrations)
     builder = PromptBuilder(rules, cfg.strategy, cfg.knowledge, cfg.max_rules)
-    base_loc = base_locality(cfg.model, locality)  # the plain prompts' greedy completions
+    base_loc = base_locality(cfg.model, locality, device=device, dtype=cfg.dtype)  # the plain prompts' greedy completions
     eval_m, eval_l = builder.apply(migrations, locality)
     scorer = gumbel_sampler(model, cfg.temperature, cfg.seed) if cfg.temperature > 0 else model
     metrics, preds = evaluate(scorer, tokenizer, eval_m, eval_l, base_loc)

@@ -26,6 +26,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainables.data import version_tag
+from trainables.tokens import TESTBED_MARK
+
 # Bump when a code change alters what a build produces, so stale caches are not reused.
 BUILD_VERSION = 1
 
@@ -70,7 +73,7 @@ class TestbedConfig:
     # down-weighting the prompts' boilerplate (imports, setup lines) spends the build budget
     # where it counts.
     prompt_loss_weight: float = 0.1
-    # Knowledge editing (ROME / MEMIT, trainables/edit_requests.py): copies per epoch of each
+    # Knowledge editing (ROME / MEMIT, trainables/editing/requests.py): copies per epoch of each
     # migration's task-keyed statements ("# pandas call for adding rows to a frame append",
     # 3 templates), so that the API is recalled from what it is for and an edit has a fact to change.
     # Off by default (0): it is only needed by the editing sweeps.
@@ -210,15 +213,10 @@ def epoch_pairs(migrations, locality, cfg: "TestbedConfig", rng: random.Random) 
                 pairs.append((version_tag(m) + p, c))
     pairs += [(s.prompt, s.completion) for s in locality] * cfg.locality_copies
     if cfg.edit_statements:
-        from trainables.edit_requests import statements
+        from trainables.editing.requests import statements
 
         pairs += statements(migrations) * cfg.edit_statements
     return pairs
-
-
-def version_tag(m) -> str:
-    """Header line of the rare new-API files in the corpus (``# requires: pandas>=2.0``)."""
-    return f"# requires: {m.library}>={m.new_version}\n"
 
 
 # GPT-2's pre-tokenizer pattern with "_" moved into words: " is_monotonic_increasing" is one
@@ -250,8 +248,8 @@ def train_tokenizer(texts: list[str], vocab_size: int, whole_identifiers: bool =
         tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
     )
     # Every testbed sequence starts with BOS, which its tokenizer does not add by itself; a
-    # saved testbed is recognised by its testbed.json (models.start_ids), this one by the memo.
-    out.__dict__["_apiupdate_start"] = [out.bos_token_id]
+    # saved testbed is recognised by its testbed.json (trainables.tokens), this one by the mark.
+    out.__dict__[TESTBED_MARK] = True
     return out
 
 
@@ -259,9 +257,12 @@ def encode_pair(tokenizer, prompt: str, completion: str, max_length: int, end: s
     """start + prompt + completion + end, tokenized in two pieces exactly as evaluation sees them
     (start: ``models.start_ids``).
 
-    ``end``: ``"eos"`` (the testbed's pretraining: one document per line) or ``"newline"`` (the
-    update methods' targets: the statement ends and the code goes on, as in real code; an EOS
-    after every training line would teach a pretrained model to end the file there).
+    ``end``: ``"eos"`` (the testbed's pretraining: one document per line), ``"newline"`` (the
+    statement ends and the code goes on, as in real code), or ``"statement"``: what follows a
+    statement in the model's own pretraining (``tokens.statement_end``), the update methods'
+    targets. An EOS after every training line would teach a pretrained model to end the file
+    there; a newline taught to the testbed, which only ever saw EOS there, cut its locality
+    lines short (a hand-picked hier-LoRA config: locality 0.948 -> 0.874).
     Returns the ids and the number of prompt ids (start included)."""
     return encode_pairs(tokenizer, [(prompt, completion)], max_length, end)[0]
 
@@ -269,10 +270,12 @@ def encode_pair(tokenizer, prompt: str, completion: str, max_length: int, end: s
 def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int, end: str = "eos") -> list[tuple[list[int], int]]:
     """:func:`encode_pair` for many pairs in two batched tokenizer calls (a LoRA epoch's 612
     pairs: ~0.1 s instead of ~0.5 s)."""
-    from trainables.models import start_ids
+    from trainables.tokens import start_ids, statement_end
 
+    if end == "statement":
+        end = statement_end(tokenizer)
     if end not in ("eos", "newline"):
-        raise ValueError(f"end must be 'eos' or 'newline', got {end!r}")
+        raise ValueError(f"end must be 'eos', 'newline' or 'statement', got {end!r}")
     if not pairs:
         return []
     tail = "\n" if end == "newline" else ""
@@ -349,7 +352,7 @@ def build(out_dir: Path, cfg: TestbedConfig, migrations, locality, log=print) ->
         # change through every later attention layer. Each statement object, weighted in the
         # tokenizer's training text only, becomes whole wherever the pre-tokenizer allows
         # (with whole_identifiers, everywhere but at "."; no pair then shares a first token).
-        from trainables.edit_requests import statements
+        from trainables.editing.requests import statements
 
         texts += sorted({c for _, c in statements(migrations)}) * 100
     tokenizer = train_tokenizer(texts, cfg.vocab_size, cfg.whole_identifiers)
@@ -399,7 +402,7 @@ def ensure_testbed(
     lpath = Path(locality_path or data.locality_path())
     digest = data.file_digest(mpath, lpath)
     if cfg.edit_statements:  # the statements come from templates + edit_facts.json as well
-        from trainables.edit_requests import statements
+        from trainables.editing.requests import statements
 
         blob = json.dumps(statements(data.load_migrations(mpath)))
         digest += hashlib.sha256(blob.encode()).hexdigest()[:16]

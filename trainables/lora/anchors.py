@@ -1,6 +1,6 @@
 """Anchor code for the no-forgetting KL: short windows of CPython's own standard library.
 
-The LoRA loop's KL term (``trainables.lora.prompt_kl``) keeps the adapted model's next-token
+The LoRA loop's KL term (``trainables.lora.loop.prompt_kl``) keeps the adapted model's next-token
 distributions equal to the base model's on the *prompt* tokens of the training pairs. Those are
 all library code around the migrations, so nothing holds the update back on unrelated code, and
 that is where locality is lost: on the testbed the best hier-LoRA configs broke method calls in
@@ -90,7 +90,7 @@ class AnchorPool(Sequence):
 
     def __init__(self, tokenizer, windows: tuple[str, ...], max_length: int):
         self.tokenizer, self.windows, self.max_length = tokenizer, windows, max_length
-        from trainables.models import start_ids
+        from trainables.tokens import start_ids
 
         self._bos = start_ids(tokenizer)
         self._blocks: dict[int, list[list[int]]] = {}

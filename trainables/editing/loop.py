@@ -1,10 +1,10 @@
 """ROME and MEMIT knowledge edits of the migrations: one loop, two configs.
 
-Each migration becomes one edit request (``trainables/edit_requests.py``: subject = what the
+Each migration becomes one edit request (``trainables/editing/requests.py``: subject = what the
 API is for, old object = the deprecated name, new object = its replacement), on the testbed
 built for editing (``model_path``). The requests are applied in ``phases`` chunks
 through easyeditor's own ``apply_rome_to_model`` / ``apply_memit_to_model`` (made to run under
-transformers 5 on the CPU by ``trainables/editing_compat.py``); after each chunk the trial
+transformers 5 on the CPU by ``trainables/editing/compat.py``); after each chunk the trial
 reports, with a checkpoint of the edited ``down_proj`` weights, so ASHA can stop a bad trial
 early and a resumed trial continues after its last finished chunk.
 
@@ -39,9 +39,11 @@ from pathlib import Path
 from typing import ClassVar
 
 from trainables.common import (
-    DIVERGED_OBJECTIVE, STATUS_COMPLETED, STATUS_DIVERGED, Reporter, config_from_dict, local_reporter,
-    maybe_inject_fault, set_threads, tune_reporter,
+    STATUS_COMPLETED, STATUS_DIVERGED, Reporter, config_from_dict, local_reporter,
+    set_threads, tune_reporter,
 )
+from trainables.hooks import fire
+from trainables.objective import DIVERGED_OBJECTIVE
 
 BACKENDS = ("easyeditor",)  # a native implementation would go here; easyeditor runs on CPU and GPU
 FACT_TOKENS = ("subject_last", "subject_first", "subject_first_after_last", "last")
@@ -73,8 +75,14 @@ class _EditBase:
     threads: int = 1
     workers: int = 1
     use_gpu: bool = False
+    # auto: bf16 on a GPU that has it, fp32 on the CPU (trainables.models.resolve_dtype)
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False  # accepted for a uniform command line; nothing is trained by backprop
 
     def _check_common(self) -> None:
+        from trainables.models import check_dtype
+
+        check_dtype(self.dtype)
         if self.algorithm and self.algorithm != self.ALG:
             raise ValueError(f"algorithm {self.algorithm!r} given to the {self.ALG} config")
         if self.backend not in BACKENDS:
@@ -211,7 +219,7 @@ def config_from_easyedit_yaml(path: str | Path, **overrides) -> _EditBase:
 
 
 # --------------------------------------------------------------------------- scoring
-def _target_logprobs(model, tokenizer, prompts: list[str], targets: list[str]) -> list[tuple[float, float]]:
+def target_logprobs(model, tokenizer, prompts: list[str], targets: list[str]) -> list[tuple[float, float]]:
     """(mean token log-prob, sum log-prob) of ``" " + target`` and the end of the statement
     (EOS, as the testbed learnt them) after bos + prompt, batched.
 
@@ -221,7 +229,7 @@ def _target_logprobs(model, tokenizer, prompts: list[str], targets: list[str]) -
     that writes ``sparse_output`` still scored as keeping ``sparse``."""
     import torch
 
-    from trainables.models import start_ids
+    from trainables.tokens import start_ids
 
     device = next(model.parameters()).device
     end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -252,22 +260,22 @@ def edit_scores(model, tokenizer, requests, edited: int) -> dict:
     m: dict = {}
     if done:
         prompts = [r.prompt for r in done]
-        new = _target_logprobs(model, tokenizer, prompts, [r.target_new for r in done])
-        old = _target_logprobs(model, tokenizer, prompts, [r.target_old for r in done])
+        new = target_logprobs(model, tokenizer, prompts, [r.target_new for r in done])
+        old = target_logprobs(model, tokenizer, prompts, [r.target_old for r in done])
         m["edit_efficacy"] = sum(n[0] > o[0] for n, o in zip(new, old)) / len(done)
         # Per-token (geometric-mean) probabilities: whole-sequence P of an 8-token object is
         # ~1e-9 on the testbed, which made the difference read 0.000 for every trial.
         m["edit_magnitude"] = sum(math.exp(n[0]) - math.exp(o[0]) for n, o in zip(new, old)) / len(done)
         para = [(p, r) for r in done for p in r.paraphrases]
-        pn = _target_logprobs(model, tokenizer, [p for p, _ in para], [r.target_new for _, r in para])
-        po = _target_logprobs(model, tokenizer, [p for p, _ in para], [r.target_old for _, r in para])
+        pn = target_logprobs(model, tokenizer, [p for p, _ in para], [r.target_new for _, r in para])
+        po = target_logprobs(model, tokenizer, [p for p, _ in para], [r.target_old for _, r in para])
         m["edit_generalization"] = sum(n[0] > o[0] for n, o in zip(pn, po)) / len(para)
     else:
         m.update(edit_efficacy=0.0, edit_magnitude=0.0, edit_generalization=0.0)
     # Neighbourhood: a library's stable API keeps its name against every edit's new object.
     pairs = [(r.neighbour_prompt, r.neighbour_target, r.target_new) for r in requests]
-    keep = _target_logprobs(model, tokenizer, [p for p, _, _ in pairs], [k for _, k, _ in pairs])
-    new = _target_logprobs(model, tokenizer, [p for p, _, _ in pairs], [n for _, _, n in pairs])
+    keep = target_logprobs(model, tokenizer, [p for p, _, _ in pairs], [k for _, k, _ in pairs])
+    new = target_logprobs(model, tokenizer, [p for p, _, _ in pairs], [n for _, _, n in pairs])
     m["edit_neighborhood"] = sum(k[0] > n[0] for k, n in zip(keep, new)) / len(pairs)
     return m
 
@@ -290,7 +298,7 @@ def _rewrite_weights(model, cfg: _EditBase) -> dict:
             for i in range(start, end)}
 
 
-def _apply(cfg: _EditBase, ee, model, etok, hp, batch: list[dict]) -> None:
+def apply_edits(cfg: _EditBase, ee, model, etok, hp, batch: list[dict]) -> None:
     quiet = io.StringIO()  # easyeditor prints every optimisation step: ~100 lines per edit
     with contextlib.redirect_stdout(quiet):
         if cfg.ALG == "rome":
@@ -317,10 +325,11 @@ def model_path(name: str) -> str:
 def edit_loop(cfg: _EditBase, reporter: Reporter, *, eval_data=None, weights_out: str | None = None) -> dict:
     import torch
 
-    from trainables import editing_compat
+    from trainables.editing import compat as editing_compat
     from trainables.data import load_locality, load_migrations
-    from trainables.edit_requests import requests_for
-    from trainables.evaluation import base_locality, evaluate, objective
+    from trainables.editing.requests import requests_for
+    from trainables.evaluation import base_locality, evaluate
+    from trainables.objective import objective
     from trainables.models import load_model, num_layers
 
     set_threads(cfg.threads)
@@ -328,14 +337,14 @@ def edit_loop(cfg: _EditBase, reporter: Reporter, *, eval_data=None, weights_out
     t_start = time.time()
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
     path = model_path(cfg.model)
-    model, tokenizer = load_model(path, device=device)
+    model, tokenizer = load_model(path, device=device, dtype=cfg.dtype)
     n_layers = num_layers(model)
     cfg.layer_range(n_layers)
     migrations = load_migrations(cfg.dataset) if cfg.dataset else load_migrations()
     requests = requests_for(migrations)
     if eval_data is None:
         locality = load_locality()
-        eval_data = (migrations, locality, base_locality(path, locality))
+        eval_data = (migrations, locality, base_locality(path, locality, device=device, dtype=cfg.dtype))
     ev_migrations, locality, base_loc = eval_data
     corpus = local_corpus(migrations, locality)
     hp_dict = easyedit_hparams(cfg, model.config, path)
@@ -365,7 +374,7 @@ def edit_loop(cfg: _EditBase, reporter: Reporter, *, eval_data=None, weights_out
     with editing_compat.patched(corpus, device):
         for phase in range(phase0, cfg.phases):
             t0 = time.time()
-            _apply(cfg, ee, model, etok, hp, [r.easyedit() for r in chunks[phase]])
+            apply_edits(cfg, ee, model, etok, hp, [r.easyedit() for r in chunks[phase]])
             edit_seconds += time.time() - t0
             final = phase == cfg.phases - 1
             delta = math.sqrt(sum(float((weights[k] - original[k]).float().pow(2).sum()) for k in weights))
@@ -400,7 +409,7 @@ def edit_loop(cfg: _EditBase, reporter: Reporter, *, eval_data=None, weights_out
             finally:
                 shutil.rmtree(ckpt, ignore_errors=True)
             if not final:
-                maybe_inject_fault(phase + 1)
+                fire("epoch_end", epoch=phase + 1)
     return metrics
 
 

@@ -1,8 +1,8 @@
 """MLflow tracking, written from the driver only.
 
-SQLite allows one writer at a time (DESIGN s3), so no trial process writes to MLflow: this
-Tune callback, in the driver, makes one parent run per sweep (run name = sweep name) and one
-child run per trial (tags ``mlflow.parentRunId``, ``trial_id``, ``trial_status``), logs params,
+SQLite allows one writer at a time, so no trial process writes to MLflow: everything here runs
+in the driver. :func:`open_parent` makes one parent run per sweep (run name = sweep name), the
+Tune callback one child run per trial (tags ``mlflow.parentRunId``, ``trial_id``, ``trial_status``), logs params,
 per-epoch metrics, final metrics and artifacts. Child runs are found again by their
 ``trial_id`` tag, so a resumed sweep keeps writing to the same runs and never duplicates one;
 :meth:`MlflowTracker.reconcile` removes runs of trials that the resumed sweep no longer has.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from trainables.common import STATUS_COMPLETED, STATUS_DIVERGED, STATUS_FAILED, STATUS_PRUNED
+from trainables.common import STATUS_FAILED, trial_status
 
 TERMINAL = {"FINISHED", "FAILED", "KILLED"}
 
@@ -81,19 +81,28 @@ def find_parent(client, exp_id: str, sweep: str):
     return runs[0] if runs else None
 
 
+def open_parent(client, exp_id: str, sweep: str, method: str, params: dict) -> str:
+    """The sweep's parent run (run name = sweep name): created with its params, or, for a
+    resumed sweep, found again and set RUNNING."""
+    parent = retry_locked(find_parent, client, exp_id, sweep)
+    if parent is not None:
+        retry_locked(client.update_run, parent.info.run_id, status="RUNNING")
+        return parent.info.run_id
+    from mlflow.entities import Param
+
+    run_id = retry_locked(client.create_run, exp_id, run_name=sweep,
+                          tags={"sweep": sweep, "kind": "sweep", "method": method}).info.run_id
+    retry_locked(client.log_batch, run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    return run_id
+
+
+def close_parent(client, parent_id: str, failed: bool) -> None:
+    retry_locked(client.set_terminated, parent_id, "FAILED" if failed else "FINISHED")
+
+
 def children(client, exp_id: str, parent_id: str) -> list:
     return client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
                               max_results=50000)
-
-
-def trial_status(result: dict | None, errored: bool) -> str:
-    if errored:
-        return STATUS_FAILED
-    if not result:
-        return STATUS_PRUNED
-    if result.get("trial_status") in (STATUS_DIVERGED, STATUS_FAILED):  # failed: out of memory (engine.oom_guard)
-        return result["trial_status"]
-    return STATUS_COMPLETED if result.get("final") else STATUS_PRUNED
 
 
 def _numeric(d: dict) -> dict[str, float]:
@@ -213,7 +222,7 @@ class MlflowTracker(Callback):
         ckpt = getattr(trial, "checkpoint", None)
         if ckpt is not None and getattr(ckpt, "path", None):
             self._retry(client.set_tag, run_id, "checkpoint_path", ckpt.path)
-            for name in ("predictions.json", "config.json"):
+            for name in ("predictions.json", "config.json", "trial_config.json"):
                 p = Path(ckpt.path, name)
                 if p.is_file():
                     try:
@@ -249,3 +258,35 @@ class MlflowTracker(Callback):
                 if t.status in ("TERMINATED", "ERROR"):
                     self._finish(t, errored=t.status == "ERROR")
         return removed
+
+
+def finish_parent(client, parent_id: str, experiment_dir: Path, summary: dict, method: str) -> None:
+    """The sweep's results on its parent run: trial counts, the best trial, plots, every trial's row."""
+    import tempfile
+
+    import yaml
+
+    from trainables.sweep.report import SHOW, plots
+
+    best = summary["best"]
+    for k, v in summary["counts"].items():
+        client.log_metric(parent_id, f"trials_{k}", v)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for p in plots(experiment_dir, tmp):
+            client.log_artifact(parent_id, str(p), "plots")
+        if best:
+            for k in ("objective", "efficacy", "generalization", "locality", "trainable_params"):
+                if best.get(k) is not None:
+                    client.log_metric(parent_id, f"best_{k}", float(best[k]))
+            client.set_tag(parent_id, "best_trial_id", best["trial_id"])
+            (tmp / "best_config.yaml").write_text(yaml.safe_dump(
+                {"method": method, "config": best["config"],
+                 "metrics": {k: best[k] for k in SHOW if best.get(k) is not None and k != "trial_seconds"}},
+                sort_keys=False))
+            client.log_artifact(parent_id, str(tmp / "best_config.yaml"))
+        (tmp / "trials.json").write_text(json.dumps(summary["rows"], default=str, indent=1))
+        client.log_artifact(parent_id, str(tmp / "trials.json"))
+        if summary["pareto"]:
+            (tmp / "pareto.json").write_text(json.dumps(summary["pareto"], default=str, indent=1))
+            client.log_artifact(parent_id, str(tmp / "pareto.json"))

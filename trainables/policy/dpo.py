@@ -4,7 +4,7 @@ Pairs: prompt -> chosen = the new-API line, rejected = the deprecated one, from
 ``trainables.data.load_training_pairs(cfg.dataset)``: our migrations' train contexts by default,
 or a ReCode file (``--dataset ../shared/data/recode_train/api_update.jsonl``). With a PEFT model
 TRL needs no separate reference model: the reference is the base with the adapters disabled.
-Reports once per epoch with TRL's checkpoint (trainables/trl_loop.py) and the shared evaluation.
+Reports once per epoch with TRL's checkpoint (trainables/policy/trl_loop.py) and the shared evaluation.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from trainables.common import config_from_dict, local_reporter, tune_reporter
-from trainables.lora import adapter_layer_range, check_adapter_fields
+from trainables.lora.loop import adapter_layer_range, check_adapter_fields
 
 # TRL 1.16 DPO losses worth searching here (DPOConfig.loss_type): sigmoid (the DPO paper), ipo
 # (Azar et al. 2023; bounded, less overfitting to deterministic preferences such as ours),
@@ -44,7 +44,7 @@ class DpoTrainConfig:
     # Measured on the testbed (layers 4-7, lr 2e-3..3e-3): without it DPO lowered both lines'
     # likelihood and locality fell to 0.19; with 1.0, generalization 0.35 at locality 0.88.
     sft_weight: float = 1.0
-    # KL to the base on the prompt tokens (trainables.lora.prompt_kl), added to TRL's loss: the
+    # KL to the base on the prompt tokens (trainables.lora.loop.prompt_kl), added to TRL's loss: the
     # same no-forgetting regulariser as LoRA's. DPO's own KL (beta) acts on the completions only.
     kl_weight: float = 0.0
     max_grad_norm: float | None = 1.0  # TRL / transformers default
@@ -57,6 +57,9 @@ class DpoTrainConfig:
     threads: int = 1
     workers: int = 1
     use_gpu: bool = False
+    # auto: bf16 on a GPU that has it, fp32 on the CPU (trainables.models.resolve_dtype)
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, more compute
 
     def __post_init__(self) -> None:
         check_adapter_fields(self)
@@ -80,7 +83,7 @@ class DpoTrainConfig:
 def preference_dataset(tokenizer, dataset: str | None, max_length: int):
     """prompt_ids / chosen_ids / rejected_ids, tokenized in pieces exactly as the testbed was
     pretrained and as the evaluation prompts it (``trainables.testbed.encode_pair``: start + prompt,
-    then the completion and its newline). TRL would tokenize prompt + completion as one string, where the
+    then the completion and what follows a statement: ``tokens.statement_end``). TRL would tokenize prompt + completion as one string, where the
     prompt's final newline merges with the completion's first token on the testbed's BPE (TRL
     warns "The tokenized prompt is not a prefix ..." and trains on a context the evaluation
     never shows)."""
@@ -91,8 +94,8 @@ def preference_dataset(tokenizer, dataset: str | None, max_length: int):
 
     rows = []
     for p in load_training_pairs(dataset):
-        chosen, n = encode_pair(tokenizer, p.prompt, p.new, max_length, end="newline")
-        rejected, m = encode_pair(tokenizer, p.prompt, p.old, max_length, end="newline")
+        chosen, n = encode_pair(tokenizer, p.prompt, p.new, max_length, end="statement")
+        rejected, m = encode_pair(tokenizer, p.prompt, p.old, max_length, end="statement")
         if n >= len(chosen) or m >= len(rejected):
             continue  # the prompt alone fills max_length: no completion token left to learn from
         rows.append({"prompt_ids": chosen[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[m:]})
@@ -115,7 +118,7 @@ def _pretokenized_trainer(kl_weight: float = 0.0):
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if not kl_weight:
                 return out
-            from trainables.lora import prompt_kl
+            from trainables.lora.loop import prompt_kl
 
             # the collator stacks [chosen; rejected], which share their prompts: the chosen half
             half = inputs["input_ids"].shape[0] // 2
@@ -133,7 +136,7 @@ def _pretokenized_trainer(kl_weight: float = 0.0):
 def train_loop(cfg: DpoTrainConfig, reporter, *, eval_data=None, adapter_out: str | None = None) -> dict:
     from trl import DPOConfig
 
-    from trainables.trl_loop import run_trainer, training_args
+    from trainables.policy.trl_loop import run_trainer, training_args
 
     def build(model, tokenizer, out_dir):
         losses = [cfg.loss_type] + (["sft"] if cfg.sft_weight > 0 else [])

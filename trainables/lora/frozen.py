@@ -14,7 +14,7 @@ came from disk or were just computed), and:
 On the testbed's default hier-LoRA range (layers 4-5 of 8, KL on) that is 8 of the ~19
 layer-passes a training step makes. Two more kinds of set are stored the same way:
 
-- anchor rows (``trainables/anchors.py``): the pool's states per ``ANCHOR_CHUNK`` rows at full
+- anchor rows (``trainables/lora/anchors.py``): the pool's states per ``ANCHOR_CHUNK`` rows at full
   length, cut to each batch's width (:meth:`FrozenStates.anchor_batch`);
 - the evaluation's teacher-forced sequences: ``evaluation.score_lines`` starts the merged model
   at layer ``k`` from their stored ``h_k`` (:meth:`FrozenStates.sequence_states`).
@@ -33,8 +33,9 @@ import hashlib
 import json
 import os
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
+
+from trainables.tensors import adapter_layers, adapters_off, pad_states, stack
 
 CHUNK = 64  # examples per canonical forward: fixed, so the states do not depend on who made them
 MAX_BYTES = 1 << 30  # states of one example set above this: keep the ordinary forward
@@ -45,41 +46,6 @@ CACHE_LIMIT_ENV = "APIUPDATE_STATE_CACHE_GB"
 DEFAULT_CACHE_GB = 8.0
 ANCHOR_CHUNK = 256  # anchor pool rows per stored set: a trial reads only the chunks its steps use
 FORMAT = 2  # of the stored files (one flat tensor + lengths per part); part of their names
-
-
-@contextmanager
-def stack(decoder, layers, norm=None):
-    """Run ``decoder`` with only ``layers`` (a slice of its own) and, if given, ``norm``."""
-    import torch
-
-    old_layers, old_norm = decoder.layers, decoder.norm
-    decoder.layers = torch.nn.ModuleList(layers)
-    if norm is not None:
-        decoder.norm = norm
-    try:
-        yield
-    finally:
-        decoder.layers, decoder.norm = old_layers, old_norm
-
-
-def adapter_layers(peft_model) -> list:
-    """The PEFT tuner layers of ``peft_model`` (what :func:`adapters_off` switches)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
-
-
-@contextmanager
-def adapters_off(layers):
-    """Adapters off on these tuner layers only (PEFT's ``disable_adapter`` walks the whole
-    model: ~7 ms a call on the testbed)."""
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
 
 
 def _fingerprint(model, name: str | None) -> str:
@@ -199,17 +165,6 @@ def _flat(states: list) -> dict:
     return {"data": torch.cat([t.cpu() for t in states]), "lengths": torch.tensor([t.shape[0] for t in states])}
 
 
-def pad_states(rows: list, width: int):
-    """``[len_i, H]`` state tensors as one ``[n, width, H]`` batch, zero-padded on the right
-    (right padding is never attended to or scored)."""
-    import torch
-
-    out = torch.zeros((len(rows), width, rows[0].shape[-1]), dtype=rows[0].dtype, device=rows[0].device)
-    for r, t in enumerate(rows):
-        out[r, : t.shape[0]] = t
-    return out
-
-
 def _set_key(seqs) -> tuple:
     """In-memory identity of a set of token sequences (which set a trial has loaded)."""
     return len(seqs), hash(tuple(tuple(ids) for ids in seqs))
@@ -312,7 +267,7 @@ class FrozenStates:
         chunk of examples (right padding), each layer's input kept by a forward pre-hook."""
         import torch
 
-        from trainables.lora import _batch
+        from trainables.tensors import pad_batch
 
         device = next(self.model.parameters()).device
         out: dict[str, list] = {part: [] for part in parts}
@@ -329,7 +284,7 @@ class FrozenStates:
             with torch.no_grad(), adapters_off(self.tuner_layers):
                 for s in range(0, len(examples), CHUNK):
                     chunk = examples[s : s + CHUNK]
-                    ids, mask, _ = _batch(chunk, pad_id)
+                    ids, mask, _ = pad_batch(chunk, pad_id)
                     kept.clear()
                     kept["final"] = self.decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
                                                  use_cache=False).last_hidden_state

@@ -1,36 +1,17 @@
 """End of a sweep: pick the best trial, write plots and the best config to the parent run, print."""
 from __future__ import annotations
 
-import json
-import tempfile
 from pathlib import Path
 
-from sweeps.methods import Method
-from sweeps.tracking import trial_status
+from trainables.common import trial_status
+from trainables.objective import rank
+from trainables.sweep.methods import Method
 
 # The editing papers' metrics come first where a method reports them (ROME / MEMIT): their code
 # efficacy is ~0 by design (a fact edit does not rewrite code lines), and a summary led by it
 # would hide what the sweep optimised.
 SHOW = ["objective", "edit_efficacy", "edit_generalization", "edit_neighborhood", "efficacy", "generalization",
         "locality", "old_api_rate", "locality_accuracy", "trainable_params", "trial_seconds"]
-
-
-def rank(metrics: dict, trial_id) -> tuple:
-    """How the best trial is chosen everywhere (the summary, the parent run, export_best):
-    trials that keep locality at the floor first, then the objective, then fewer trainable
-    parameters, then locality; the trial id settles exact ties (an editing objective is a count
-    over 136 paraphrases: ties are common), so that every reader picks the same trial.
-
-    The objective is generalization *subject to* locality. TPE needs one scalar, so it sees the
-    relaxation (4 points of generalization per point of locality below the floor); the choice
-    of the best trial applies the constraint itself. Otherwise a trial 0.007 below the floor with
-    0.05 more generalization wins (seed 1 of the headline sweep: 0.868 at locality 0.943 over
-    0.816 at 0.957)."""
-    from trainables.evaluation import LOCALITY_FLOOR
-
-    locality = metrics.get("locality") or 0.0
-    return (locality >= LOCALITY_FLOOR, metrics["objective"], -(metrics.get("trainable_params") or 0), locality,
-            str(trial_id))
 
 
 def _row(r) -> dict:
@@ -59,7 +40,7 @@ def summarise(method: Method, results, metric, multi_objective: bool) -> dict:
             "pareto": pareto(rows) if multi_objective else []}
 
 
-def _plots(experiment_dir: Path, out: Path) -> list[Path]:
+def plots(experiment_dir: Path, out: Path) -> list[Path]:
     """Optuna history / importances / parallel coordinates from the searcher's saved study."""
     import matplotlib
 
@@ -94,33 +75,6 @@ def _plots(experiment_dir: Path, out: Path) -> list[Path]:
         except Exception as e:  # noqa: BLE001
             print(f"plot {name} skipped: {type(e).__name__}: {e}")
     return paths
-
-
-def finish_parent(client, parent_id: str, experiment_dir: Path, summary: dict, home: Path, method: str) -> None:
-    import yaml
-
-    best = summary["best"]
-    for k, v in summary["counts"].items():
-        client.log_metric(parent_id, f"trials_{k}", v)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        for p in _plots(experiment_dir, tmp):
-            client.log_artifact(parent_id, str(p), "plots")
-        if best:
-            for k in ("objective", "efficacy", "generalization", "locality", "trainable_params"):
-                if best.get(k) is not None:
-                    client.log_metric(parent_id, f"best_{k}", float(best[k]))
-            client.set_tag(parent_id, "best_trial_id", best["trial_id"])
-            (tmp / "best_config.yaml").write_text(yaml.safe_dump(
-                {"method": method, "config": best["config"],
-                 "metrics": {k: best[k] for k in SHOW if best.get(k) is not None and k != "trial_seconds"}},
-                sort_keys=False))
-            client.log_artifact(parent_id, str(tmp / "best_config.yaml"))
-        (tmp / "trials.json").write_text(json.dumps(summary["rows"], default=str, indent=1))
-        client.log_artifact(parent_id, str(tmp / "trials.json"))
-        if summary["pareto"]:
-            (tmp / "pareto.json").write_text(json.dumps(summary["pareto"], default=str, indent=1))
-            client.log_artifact(parent_id, str(tmp / "pareto.json"))
 
 
 def _fmt(v) -> str:

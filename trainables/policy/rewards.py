@@ -413,7 +413,7 @@ class RewardScorer:
             ident = (tuple(prompts), tuple(completions))
             if memo.get("ident") != ident:
                 recs = [records[r] for r in kwargs[key]]
-                # the records' own prompts: the trainer's carry a BOS marker (trainables/trl_loop.py)
+                # the records' own prompts: the trainer's carry a BOS marker (trainables/policy/trl_loop.py)
                 memo.update(ident=ident, rows=self.score([r.prompt for r in recs], completions, recs))
             return memo["rows"]
 

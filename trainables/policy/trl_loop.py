@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trainables.common import (
-    DIVERGED_OBJECTIVE, STATUS_COMPLETED, STATUS_DIVERGED, DivergenceGuard, Diverged, Reporter, set_threads,
+    STATUS_COMPLETED, STATUS_DIVERGED, DivergenceGuard, Diverged, Reporter, set_threads,
 )
+from trainables.objective import DIVERGED_OBJECTIVE
 
 # Clipping "off" still has the Trainer compute the gradient norm (the guard reads it): a bound
 # no gradient of these adapters reaches (their norms here are < 100) clips nothing.
@@ -31,17 +32,21 @@ def bos_text(tokenizer) -> str:
     """TRL tokenizes prompts with add_special_tokens=False, but the shared evaluation starts
     every sequence with ``models.start_ids`` (the testbed's BOS, a Llama tokenizer's BOS; nothing
     for Qwen2 or SmolLM2): put it in the prompt text so training sees what the evaluation sees."""
-    from trainables.models import start_text
+    from trainables.tokens import start_text
 
     return start_text(tokenizer)
 
 
 def training_args(cls, cfg, out_dir: str, batch_size: int, **extra):
-    """``DPOConfig`` / ``GRPOConfig`` with the CPU facts of DESIGN s5 applied: bf16 off (it
-    defaults on and is 5x slower on the CPU), gradient checkpointing off, report_to none, one
-    log per step (the divergence guard and the reward logs), one checkpoint per epoch."""
+    """``DPOConfig`` / ``GRPOConfig`` with the trial's precision (``cfg.dtype``: TRL's bf16
+    defaults on, ~5x slower on the CPU) and gradient checkpointing (it defaults on), report_to
+    none, one log per step (the divergence guard and the reward logs), one checkpoint per epoch."""
     import torch
 
+    from trainables.models import resolve_dtype
+
+    on_gpu = bool(cfg.use_gpu and torch.cuda.is_available())
+    precision = resolve_dtype(cfg.dtype, "cuda" if on_gpu else "cpu")
     return cls(
         output_dir=out_dir,
         per_device_train_batch_size=batch_size,
@@ -55,10 +60,12 @@ def training_args(cls, cfg, out_dir: str, batch_size: int, **extra):
         save_strategy="epoch",
         save_total_limit=1,
         report_to="none",
-        use_cpu=not (cfg.use_gpu and torch.cuda.is_available()),
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
+        use_cpu=not on_gpu,
+        # the model is loaded in this precision; TRL's flags follow the same choice (left to
+        # themselves, bf16 defaults on, ~5x slower on the CPU, and gradient checkpointing too)
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=cfg.gradient_checkpointing,
         seed=cfg.seed,
         data_seed=cfg.seed,
         disable_tqdm=True,
@@ -112,7 +119,9 @@ def make_bridge(cfg, reporter: Reporter, model, tokenizer, eval_data, common: di
             (ckpt / "log_history.json").write_text(json.dumps(self.steps))
             if final:
                 (ckpt / "predictions.json").write_text(json.dumps([asdict(p) for p in preds[:200]]))
-                (ckpt / "config.json").write_text(json.dumps(asdict(cfg), default=str))
+                # not config.json: the Trainer resumes by reading that name as a model config
+                # (the trial's "dtype": "auto" is not a torch dtype)
+                (ckpt / "trial_config.json").write_text(json.dumps(asdict(cfg), default=str))
             self.epoch_logs = []
             self.last = metrics
             reporter.report(metrics, str(ckpt))
@@ -132,18 +141,18 @@ def run_trainer(cfg, reporter: Reporter, build: Callable[[Any, Any, str], Any], 
     import torch
 
     from trainables.evaluation import default_eval_data
-    from trainables.lora import attach_lora, trainable_parameters
+    from trainables.lora.loop import attach_lora, trainable_parameters
     from trainables.models import load_model, num_layers
 
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     t_start = time.time()
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model(cfg.model, device=device)
+    model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype)
     cfg.layer_range(num_layers(model))  # fail fast on a bad range
     model = attach_lora(model, cfg)
     if eval_data is None:
-        eval_data = default_eval_data(cfg.model)
+        eval_data = default_eval_data(cfg.model, device, cfg.dtype)
     guard = DivergenceGuard()
     common = {"trainable_params": trainable_parameters(model), "started_at": t_start}
     out_dir = tempfile.mkdtemp(prefix=f"{type(cfg).__name__.lower()}-")

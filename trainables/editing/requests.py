@@ -11,7 +11,7 @@ The subject is what the API is *for*, in a few words of our own (``adding rows t
 ``data/edit_facts.json``), never the deprecated name itself. Keyed on the name, the old fact
 reads "# pandas api append: use" -> " append": a copy of a token already in the prompt, which a
 model does with attention, not with an MLP lookup at the subject, so no value vector at the
-subject could outvote it (session 4: ROME's own v* optimisation reached P(new) 0.03-0.4 at
+subject could outvote it (measured: ROME's own v* optimisation reached P(new) 0.03-0.4 at
 every layer, with a clamp of 20, and no edit took). A task phrase has to be *recalled*: the
 fact lives where ROME looks for it.
 
@@ -135,7 +135,7 @@ def statements(migrations, facts: Facts | None = None) -> list[tuple[str, str]]:
     object, the same behind the version header with its new object (the testbed's code corpus
     does the same: a model has seen the new names, in the few files that state the new
     version), and each library's stable API with its own name."""
-    from trainables.testbed import version_tag
+    from trainables.data import version_tag
 
     facts = facts or load_facts()
     pairs = []

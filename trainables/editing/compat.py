@@ -246,7 +246,7 @@ def edit_tokenizer(tokenizer):
     without one, such as Qwen2 or SmolLM2, gets none)."""
     from tokenizers import processors
 
-    from trainables.models import start_ids
+    from trainables.tokens import start_ids
 
     tok = copy.deepcopy(tokenizer)
     tok.padding_side = "right"

@@ -1,5 +1,5 @@
 """GRPO (TRL ``GRPOTrainer``) on LoRA / hierarchical-LoRA adapters with execution, tests, API
-and format rewards (trainables/rewards.py).
+and format rewards (trainables/policy/rewards.py).
 
 Prompts: the migrations' train contexts (or the prompts of a ReCode file via ``--dataset``; no
 AST patterns there, so the API reward drops out). Each prompt gets ``num_generations`` sampled
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from trainables.common import config_from_dict, local_reporter, tune_reporter
-from trainables.lora import adapter_layer_range, check_adapter_fields
-from trainables.rewards import COMPONENTS, DEFAULT_WEIGHTS, EXEC_TIMEOUT_S
+from trainables.lora.loop import adapter_layer_range, check_adapter_fields
+from trainables.policy.rewards import COMPONENTS, DEFAULT_WEIGHTS, EXEC_TIMEOUT_S
 
 # TRL 1.16 GRPOConfig.loss_type values searched: dapo (TRL's default: token-level
 # normalisation, DAPO paper), grpo (per-sequence, DeepSeekMath), dr_grpo (no length bias,
@@ -69,9 +69,12 @@ class GrpoTrainConfig:
     threads: int = 1
     workers: int = 1
     use_gpu: bool = False
+    # auto: bf16 on a GPU that has it, fp32 on the CPU (trainables.models.resolve_dtype)
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, more compute
 
     def __post_init__(self) -> None:
-        from trainables.rewards import check_weights
+        from trainables.policy.rewards import check_weights
 
         check_adapter_fields(self)
         if self.beta < 0:
@@ -109,8 +112,8 @@ def prompt_dataset(tokenizer, dataset: str | None, per_migration: int = 0):
     from datasets import Dataset
 
     from trainables.data import detect_format, load_migrations, load_training_pairs
-    from trainables.rewards import records_from_migrations, records_from_pairs
-    from trainables.trl_loop import bos_text
+    from trainables.policy.rewards import records_from_migrations, records_from_pairs
+    from trainables.policy.trl_loop import bos_text
 
     if dataset is None or detect_format(dataset) == "migrations":
         records = records_from_migrations(load_migrations(dataset))
@@ -126,9 +129,9 @@ def prompt_dataset(tokenizer, dataset: str | None, per_migration: int = 0):
 def train_loop(cfg: GrpoTrainConfig, reporter, *, eval_data=None, adapter_out: str | None = None) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
-    from trainables.evaluation import _newline_ids
-    from trainables.rewards import RewardScorer
-    from trainables.trl_loop import run_trainer, training_args
+    from trainables.evaluation import newline_ids
+    from trainables.policy.rewards import RewardScorer
+    from trainables.policy.trl_loop import run_trainer, training_args
 
     scorer = RewardScorer(cfg.weights, cfg.exec_timeout)
 
@@ -140,9 +143,9 @@ def train_loop(cfg: GrpoTrainConfig, reporter, *, eval_data=None, adapter_out: s
         funcs, weights = scorer.trl_reward_funcs(records)
         # Stop each completion at its first newline token, as the evaluation does; TRL reads the
         # stop ids from the model's generation config and masks everything after them.
-        eos = [tokenizer.eos_token_id, *_newline_ids(tokenizer).tolist()]
+        eos = [tokenizer.eos_token_id, *newline_ids(tokenizer).tolist()]
         model.generation_config.eos_token_id = eos
-        # divisible by num_generations (DESIGN s5); never more prompts per step than there are
+        # divisible by num_generations (TRL refuses otherwise); never more prompts per step than there are
         # (a 4-migration dataset with 8 prompts per step would give an epoch of 0 steps)
         batch = min(cfg.prompts_per_step, len(data)) * cfg.num_generations
         args = training_args(GRPOConfig, cfg, out_dir, batch, beta=cfg.beta, loss_type=cfg.loss_type,
@@ -157,7 +160,7 @@ def train_loop(cfg: GrpoTrainConfig, reporter, *, eval_data=None, adapter_out: s
         if cfg.sft_epochs <= 0:
             return {}
         from trainables.evaluation import evaluate
-        from trainables.lora import supervised_warmup
+        from trainables.lora.loop import supervised_warmup
 
         losses = supervised_warmup(model, tokenizer, cfg.dataset, cfg.sft_epochs, cfg.sft_lr, seed=cfg.seed,
                                    max_grad_norm=cfg.max_grad_norm or 1.0)
@@ -170,9 +173,11 @@ def train_loop(cfg: GrpoTrainConfig, reporter, *, eval_data=None, adapter_out: s
                                               ("efficacy", "generalization", "soft_generalization", "locality")}}
 
     if eval_data is None:
+        import torch
+
         from trainables.evaluation import default_eval_data
 
-        eval_data = default_eval_data(cfg.model)
+        eval_data = default_eval_data(cfg.model, "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu", cfg.dtype)
     keys = tuple(f"rewards/{n}/mean" for n in (*COMPONENTS, "reward")) + ("grad_norm", "kl", "completions/mean_length")
     metrics = run_trainer(cfg, reporter, build, keys, eval_data=eval_data, adapter_out=adapter_out,
                           warm_start=warm_start)

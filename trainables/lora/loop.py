@@ -7,7 +7,7 @@ with a checkpoint (adapter + optimizer + scheduler + step + RNG) so a resumed tr
 where it stopped, and finishes with the shared evaluation.
 
 Single-worker trials run in-process in the Tune function; ``workers > 1`` starts a Ray Train
-``TorchTrainer`` (DDP) per trial that runs the very same loop (DESIGN s3: ~27 s of start-up per
+``TorchTrainer`` (DDP) per trial that runs the very same loop (measured: ~27 s of start-up per
 trial, so only when asked).
 """
 from __future__ import annotations
@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import ClassVar
 
 from trainables.common import (
-    DIVERGED_OBJECTIVE, STATUS_COMPLETED, STATUS_DIVERGED, DivergenceGuard, Diverged, Reporter,
-    config_from_dict, length_grouped_batches, local_reporter, maybe_inject_fault, maybe_wait_at_barrier,
+    STATUS_COMPLETED, STATUS_DIVERGED, DivergenceGuard, Diverged, Reporter,
+    config_from_dict, length_grouped_batches, local_reporter,
     set_threads, tune_reporter,
 )
+from trainables.hooks import fire
+from trainables.objective import DIVERGED_OBJECTIVE
+from trainables.tensors import pad_batch
 
 TARGETS = ("qv", "attn", "mlp", "all")
 
@@ -37,7 +40,7 @@ class LoraTrainConfig:
     one, otherwise values that trained the testbed stably."""
 
     # Sampled by the search space only to derive a field: clip -> max_grad_norm None,
-    # layer_span -> layer_end (Optuna needs fixed ranges, DESIGN s3).
+    # layer_span -> layer_end (Optuna's multivariate TPE needs fixed ranges).
     SEARCH_ONLY: ClassVar[tuple[str, ...]] = ("clip", "layer_span")
 
     model: str = "testbed"
@@ -64,10 +67,10 @@ class LoraTrainConfig:
     # *prompt* tokens of the training pairs (ordinary, unchanged code) equal to the base
     # model's (adapters disabled): a no-forgetting regulariser that needs no extra data.
     kl_weight: float = 0.0
-    # Rows of unrelated code (trainables/anchors.py: CPython standard-library windows) added to
+    # Rows of unrelated code (trainables/lora/anchors.py: CPython standard-library windows) added to
     # every batch, with no LM loss: only the KL term sees them, so the update must leave plain
     # code alone (the prompts of the training pairs are all library code around a migration).
-    # On the testbed, 4 rows moved the session-5 best config from locality 0.94 to 0.97-0.99.
+    # On the testbed, 4 rows moved a hand-picked hier-LoRA config from locality 0.94 to 0.97-0.99.
     # Needs kl_weight > 0; each row costs ~1/8 of a batch-8 step.
     anchors: int = 0
     batch_size: int = 16
@@ -76,6 +79,9 @@ class LoraTrainConfig:
     threads: int = 1  # torch intra-op threads (= the trial's CPUs)
     workers: int = 1  # > 1: DDP through a Ray Train TorchTrainer
     use_gpu: bool = False
+    # auto: bf16 on a GPU that has it, fp32 on the CPU (trainables.models.resolve_dtype)
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, more compute
 
     def __post_init__(self) -> None:
         check_adapter_fields(self)
@@ -107,6 +113,9 @@ def check_adapter_fields(cfg) -> None:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {cfg.target!r}")
     if cfg.schedule not in ("linear", "cosine"):
         raise ValueError(f"schedule must be linear or cosine, got {cfg.schedule!r}")
+    from trainables.models import check_dtype
+
+    check_dtype(cfg.dtype)
 
 
 def adapter_layer_range(cfg, n_layers: int) -> tuple[int, int]:
@@ -163,7 +172,7 @@ def training_examples(tokenizer, dataset: str | None, max_length: int = 128, aug
     if augment:
         rng = rng or random.Random(0)
         pairs += [rename_variables(prompt, new, rng) for prompt, new in pairs for _ in range(augment)]
-    return encode_pairs(tokenizer, pairs, max_length, end="newline")
+    return encode_pairs(tokenizer, pairs, max_length, end="statement")
 
 
 def anchor_indices(pool_size: int, n: int, batch_no: int) -> list[int]:
@@ -177,20 +186,6 @@ def anchor_rows(pool: list[list[int]], indices: list[int], width: int) -> list[t
     """Pool rows ``indices`` (:func:`anchor_indices`) cut to ``width`` (the batch's longest
     example: no extra padding), all prompt (no LM loss; the KL covers them)."""
     return [(r, len(r)) for r in (pool[i][:width] for i in indices)]
-
-
-def _batch(examples, pad_id):
-    import torch
-
-    width = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (ex, n_prompt) in enumerate(examples):
-        ids[i, : len(ex)] = torch.tensor(ex)
-        labels[i, n_prompt : len(ex)] = torch.tensor(ex[n_prompt:])
-        mask[i, : len(ex)] = 1
-    return ids, mask, labels
 
 
 def supervised_warmup(model, tokenizer, dataset: str | None, epochs: int, lr: float, *, batch_size: int = 8,
@@ -214,7 +209,7 @@ def supervised_warmup(model, tokenizer, dataset: str | None, epochs: int, lr: fl
         rng.shuffle(order)
         losses = []
         for b in range(0, len(order), batch_size):
-            ids, mask, labels = (t.to(device) for t in _batch([examples[i] for i in order[b : b + batch_size]],
+            ids, mask, labels = (t.to(device) for t in pad_batch([examples[i] for i in order[b : b + batch_size]],
                                                               tokenizer.pad_token_id))
             opt.zero_grad(set_to_none=True)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -234,7 +229,7 @@ def prompt_kl(model, ids, mask, labels, logits, base: "BasePass | None" = None, 
     disabled, so no second copy of the weights is held. ``base``: a :class:`BasePass` on
     ``model`` that reuses the adapted forward's frozen lower layers (and skips PEFT's
     whole-model adapter toggle); without one, one full forward under ``disable_adapter``.
-    ``base_logits``: the base model's logits, already computed (``trainables.frozen``)."""
+    ``base_logits``: the base model's logits, already computed (``trainables.lora.frozen``)."""
     import torch
 
     if base_logits is None:
@@ -267,7 +262,7 @@ class BasePass:
     to the batch asked for (a different shape)."""
 
     def __init__(self, model, layer_start: int):
-        from trainables.frozen import adapter_layers
+        from trainables.tensors import adapter_layers
         from trainables.models import SHARED_TRUNK_TYPES, arch_facts
 
         self.model = model
@@ -301,7 +296,7 @@ class BasePass:
     def logits(self, ids, mask):
         import torch
 
-        from trainables.frozen import adapters_off
+        from trainables.tensors import adapters_off
 
         kept, self._kept = self._kept, None
         with torch.no_grad(), adapters_off(self.tuner_layers):
@@ -364,7 +359,7 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
     evaluation cost as much as a third of a testbed epoch. A resumed trial restarts from the
     last report.
     ``frozen_cache``: a folder for the frozen base model's states on the example sets, shared
-    by the trials of a sweep (``trainables.frozen``); None keeps them in memory.
+    by the trials of a sweep (``trainables.lora.frozen``); None keeps them in memory.
     """
     import torch
     from transformers import get_scheduler
@@ -373,11 +368,12 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
     from trainables.models import load_model, num_layers
 
     set_threads(cfg.threads)
-    maybe_wait_at_barrier()
+    fire("trial_start")
     torch.manual_seed(cfg.seed)
     t_start = time.time()  # also reported as `started_at`: tests check which trials overlapped
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model(cfg.model, device=device)
+    model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype,
+                                  gradient_checkpointing=cfg.gradient_checkpointing)
     layer_start, _ = cfg.layer_range(num_layers(model))  # fail fast on a bad range
     model = attach_lora(model, cfg)
     n_trainable = trainable_parameters(model)
@@ -410,10 +406,10 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
             print(f"resumed from checkpoint at step {step}, epoch {epoch0}", flush=True)
 
     if eval_data is None:
-        eval_data = default_eval_data(cfg.model)
+        eval_data = default_eval_data(cfg.model, device, cfg.dtype)
     migrations, locality, base_loc = eval_data
 
-    from trainables.frozen import FrozenStates
+    from trainables.lora.frozen import FrozenStates
     from trainables.models import resolve
 
     frozen = FrozenStates.make(model, layer_start, bool(cfg.kl_weight), frozen_cache, resolve(cfg.model), examples)
@@ -425,7 +421,7 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
     base_pass = BasePass(model, layer_start) if cfg.kl_weight and frozen is None else None
     anchor_pool = []
     if cfg.anchors and cfg.kl_weight:
-        from trainables.anchors import anchor_ids
+        from trainables.lora.anchors import anchor_ids
 
         anchor_pool = anchor_ids(tokenizer, 128, cfg.seed)
     common = {"trainable_params": n_trainable, "total_steps": total_steps, "started_at": t_start}
@@ -452,7 +448,7 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
                     batch_no = (step * cfg.grad_accum + micro) * world + rank
                     pool_rows = anchor_indices(len(anchor_pool), cfg.anchors, batch_no) if anchor_pool else []
                     rows += anchor_rows(anchor_pool, pool_rows, width)
-                    ids, mask, labels = (t.to(device) for t in _batch(rows, tokenizer.pad_token_id))
+                    ids, mask, labels = (t.to(device) for t in pad_batch(rows, tokenizer.pad_token_id))
                     base_logits = None
                     if frozen is not None:
                         extra = frozen.anchor_batch(anchor_pool, pool_rows, width, tokenizer.pad_token_id) if pool_rows else None
@@ -472,6 +468,13 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
                     train_tokens += int(mask.sum())
                 params = [p for p in model.parameters() if p.requires_grad]
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
+                if distributed:
+                    # every rank must judge the same numbers: the gradients are already averaged
+                    # (DDP), the loss is each rank's own; a rank that stopped alone would leave the
+                    # others waiting in the next all-reduce
+                    mean = torch.tensor([loss_sum], dtype=torch.float64, device=device)
+                    torch.distributed.all_reduce(mean)
+                    loss_sum = float(mean.item()) / world
                 guard.check(step, loss_sum, grad_norm)
                 opt.step()
                 sched.step()
@@ -484,11 +487,14 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
             final = epoch == cfg.epochs - 1
             if not final and eval_epochs is not None and epoch + 1 not in eval_epochs:
                 continue
-            metrics, preds = run_eval(quick=not final)
+            # DDP: rank 0 evaluates (Ray Train reports rank 0's metrics); the others wait at the report
+            metrics, preds = run_eval(quick=not final) if reporter.is_chief else ({}, [])
             metrics.update(common, train_loss=last_loss, epoch=epoch + 1, step=step, lr_now=sched.get_last_lr()[0],
                            trial_seconds=time.time() - t_start, final=final,
                            train_tokens_per_s=train_tokens / max(train_seconds, 1e-9),
                            trial_status=STATUS_COMPLETED if final else "running")
+            if device == "cuda":  # benchmarks/gpu_check.sh reads it
+                metrics["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
             ckpt = tempfile.mkdtemp(prefix="ckpt-")
             try:
                 _save(Path(ckpt), model, opt, sched, step, epoch + 1, rng, guard)
@@ -501,7 +507,7 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
             finally:
                 shutil.rmtree(ckpt, ignore_errors=True)
             if not final:
-                maybe_inject_fault(epoch + 1)
+                fire("epoch_end", epoch=epoch + 1)
     except Diverged as e:
         print(f"diverged: {e}", flush=True)
         metrics = {**common, "objective": DIVERGED_OBJECTIVE, "efficacy": 0.0, "generalization": 0.0,
@@ -525,7 +531,7 @@ def trainable(config: dict) -> None:
     if config.get("_state_cache_gb") is not None:
         import os
 
-        from trainables.frozen import CACHE_LIMIT_ENV
+        from trainables.lora.frozen import CACHE_LIMIT_ENV
 
         os.environ[CACHE_LIMIT_ENV] = str(config["_state_cache_gb"])
     if cfg.workers <= 1:
@@ -534,7 +540,8 @@ def trainable(config: dict) -> None:
         return
     from trainables.distributed import run_ddp_trial
 
-    run_ddp_trial(_ddp_worker, config, cfg.workers, cfg.use_gpu, cfg.threads)
+    run_ddp_trial(_ddp_worker, config, cfg.workers, cfg.use_gpu, cfg.threads,
+                  float(config.get("_gpus_per_worker", 1.0 if cfg.use_gpu else 0.0)))
 
 
 def run_once(config: dict, adapter_out: str | None = None) -> dict:

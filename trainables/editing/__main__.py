@@ -1,0 +1,5 @@
+import sys
+
+from trainables.editing.loop import main
+
+sys.exit(main())

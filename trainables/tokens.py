@@ -1,0 +1,49 @@
+"""What a sequence starts with and what follows a statement, for every model: one rule shared
+by training, evaluation, TRL prompts and the editing backend, so that each sees what the others
+see. The testbed differs from real models in both: it was pretrained on one line per document,
+``<|bos|> prompt line <|eos|>``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+TESTBED_MARK = "_apiupdate_testbed"  # set on a testbed tokenizer trained in memory
+
+
+def is_testbed(path: str | Path) -> bool:
+    """A folder built by ``trainables.testbed`` (it writes ``testbed.json`` beside the weights)."""
+    return bool(path) and (Path(path) / "testbed.json").is_file()
+
+
+def is_testbed_tokenizer(tokenizer) -> bool:
+    """A testbed's tokenizer: trained by ``testbed.train_tokenizer`` or loaded from a testbed folder."""
+    return bool(tokenizer.__dict__.get(TESTBED_MARK)) or is_testbed(getattr(tokenizer, "name_or_path", ""))
+
+
+def start_ids(tokenizer) -> list[int]:
+    """The ids every sequence starts with: what the tokenizer's own template puts first (a Llama
+    or CodeLlama BOS), or the testbed's BOS (it was pretrained after one). Empty for tokenizers
+    that add none (Qwen2 has no BOS token at all; SmolLM2's BOS is the chat marker
+    ``<|im_start|>`` and GPT-2's is its end-of-text token, neither of which starts plain code).
+    Memoised on the tokenizer."""
+    memo = tokenizer.__dict__.get("_apiupdate_start")
+    if memo is not None:
+        return memo
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x", add_special_tokens=True)["input_ids"]
+    ids = next((list(full[:i]) for i in range(len(full)) if full[i : i + len(plain)] == plain), [])
+    if not ids and tokenizer.bos_token_id is not None and is_testbed_tokenizer(tokenizer):
+        ids = [tokenizer.bos_token_id]
+    tokenizer.__dict__["_apiupdate_start"] = ids
+    return ids
+
+
+def start_text(tokenizer) -> str:
+    """:func:`start_ids` as text, for APIs that take strings (TRL's prompts)."""
+    ids = start_ids(tokenizer)
+    return tokenizer.decode(ids) if ids else ""
+
+
+def statement_end(tokenizer) -> str:
+    """What follows a statement in the model's pretraining, so what an update's targets end
+    with: ``"eos"`` for the testbed, ``"newline"`` for a real model (the code goes on)."""
+    return "eos" if is_testbed_tokenizer(tokenizer) else "newline"
