@@ -525,3 +525,19 @@ def test_evaluation_from_stored_states_scores_like_the_whole_model(small_testbed
             assert got[key] == pytest.approx(value, abs=1e-5), (quick, key)
         assert want["locality"] < 1.0  # the adapters matter
     assert len(calls) == 2 and len(list(tmp_path.iterdir())) == 2 * adapted.config.num_hidden_layers
+
+
+def test_the_state_cache_estimate_bounds_what_a_trial_writes(small_testbed, tmp_path):
+    """The driver's one-line estimate (per trial) is an upper bound of what a trial with renamed
+    copies, a KL and anchors actually stores."""
+    import re
+
+    from trainables.lora import frozen
+    from trainables.models import resolve
+
+    cfg = _cfg(hierarchical=True, layer_start=2, layer_end=4, epochs=2, augment=2, kl_weight=0.5, anchors=2)
+    train_loop(cfg, local_reporter([]), frozen_cache=str(tmp_path / "cache"))
+    written_mb = frozen.folder_bytes(tmp_path / "cache") / 2**20
+    line = frozen.describe_estimate(resolve("testbed"), None, 10, 2, 8.0)
+    per_trial = float(re.search(r"up to (\d+) MB a trial", line).group(1))
+    assert 0 < written_mb <= per_trial + 1, (written_mb, line)

@@ -117,9 +117,10 @@ def describe_estimate(model_path: str, dataset: str | None, trials: int, max_epo
     """One line for the sweep driver: how large the frozen-state cache can grow, and its limit.
 
     Counted with the model's own ``tokenizer.json`` (no torch in the driver): every stored part
-    holds ``tokens x hidden x 4`` bytes. A trial stores h_k and the final state of each epoch's
-    training set (renamed copies make each epoch a new set) and of the evaluation sequences.
-    Empty when the model's files are not local."""
+    holds ``tokens x hidden x 4`` bytes. Each epoch's training set (renamed copies make each
+    epoch a new set) is stored whole, every layer's input and the final state, when that fits
+    ``MAX_BYTES`` (so that trials with another layer range find theirs), else h_k and the final
+    state only; the evaluation sequences store h_k. Empty when the model's files are not local."""
     folder = Path(model_path)
     try:
         cfg = json.loads((folder / "config.json").read_text())
@@ -131,7 +132,8 @@ def describe_estimate(model_path: str, dataset: str | None, trials: int, max_epo
     from trainables.data import load_locality, load_migrations, load_training_pairs
 
     hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or 0)
-    if not hidden:
+    layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 0)
+    if not hidden or not layers:
         return ""
 
     def tokens(texts) -> int:
@@ -142,11 +144,21 @@ def describe_estimate(model_path: str, dataset: str | None, trials: int, max_epo
     evals = tokens([c.prompt + c.new for c in ctxs] + [c.prompt + c.old for c in ctxs]
                    + [s.prompt + s.completion for s in load_locality()])
     mb = hidden * 4 / 2**20
-    per_trial = 2 * (train * max_epochs * 3 + evals) * mb  # up to 2 renamed copies per pair
+
+    def set_mb(tokens: int) -> float:  # one training set, stored whole where it fits
+        return tokens * mb * (layers if tokens * hidden * 4 * layers <= MAX_BYTES else 2)
+
+    # up to 2 renamed copies per pair: sets of 1x, 2x or 3x the pairs' tokens, one per epoch
+    per_trial = max_epochs * max(set_mb(k * train) for k in (1, 2, 3)) + evals * mb
+    # anchor rows (up to 4 per batch of >= 8 examples) are stored per ANCHOR_CHUNK rows of at most
+    # 128 tokens, every layer's input where a chunk fits
+    n_pairs = len(load_training_pairs(dataset))
+    rows = max_epochs * -(-3 * n_pairs // 8) * 4
+    per_trial += -(-rows // ANCHOR_CHUNK) * set_mb(ANCHOR_CHUNK * 128)
     total_gb = per_trial * trials / 1024
-    return (f"frozen-state cache: {train * mb:.0f} MB per stored layer of the training pairs, {evals * mb:.0f} MB of "
-            f"the evaluation sequences; up to {per_trial:.0f} MB a trial, {total_gb:.1f} GB for {trials} trials "
-            f"without sharing; limit {limit_gb:g} GB (--state-cache-gb), removed when the sweep ends")
+    return (f"frozen-state cache: {set_mb(train):.0f} MB per training set without renamed copies, {evals * mb:.0f} MB "
+            f"per layer of the evaluation sequences; up to {per_trial:.0f} MB a trial, {total_gb:.1f} GB for {trials} "
+            f"trials without sharing; limit {limit_gb:g} GB (--state-cache-gb), removed when the sweep ends")
 
 
 def _load(path: Path, device) -> list:
