@@ -54,6 +54,22 @@ class DivergenceGuard:
                            f"(first step {self.first:.3g})")
 
 
+@dataclass
+class RunSettings:
+    """Where and how a trial runs, the same fields for every method's config; the engine sets
+    them from the command line (``--seed``, ``--cpus-per-trial``, ``--workers-per-trial``,
+    ``--gpus-per-trial``, ``--dtype``, ``--gradient-checkpointing``)."""
+
+    seed: int = 0
+    threads: int = 1  # torch intra-op threads (= the trial's CPUs)
+    workers: int = 1  # > 1: DDP through a Ray Train TorchTrainer (the methods that support it)
+    use_gpu: bool = False
+    # auto: bf16 on a GPU that has it, fp32 on the CPU (trainables.models.resolve_dtype)
+    dtype: str = "auto"
+    # recompute activations in the backward: less memory, more compute (methods that backprop)
+    gradient_checkpointing: bool = False
+
+
 def trial_status(result: dict | None, errored: bool) -> str:
     """A trial's outcome from its last result: failed, pruned (stopped early), diverged, completed."""
     if errored:

@@ -303,6 +303,19 @@ def load_migrations(path: str | Path | None = None) -> list[Migration]:
     return out
 
 
+def snippet_text(c: Checker, prompts: dict[str, int]) -> tuple[str, str]:
+    """A snippet's ``prompt`` (ending in a newline, not seen on an earlier line) and its one-line
+    ``completion``: the rules the locality and the over-application files share."""
+    prompt, completion = c.str("prompt"), c.str("completion")
+    if not prompt.endswith("\n"):
+        raise c.fail("prompt", "must end with a newline")
+    if "\n" in completion:
+        raise c.fail("completion", "must be a single line")
+    if prompt in prompts:
+        raise c.fail("prompt", f"duplicate prompt (also on line {prompts[prompt]})")
+    return prompt, completion
+
+
 @_cached(locality_path)
 def load_locality(path: str | Path | None = None) -> list[LocalitySnippet]:
     path = Path(path or locality_path())
@@ -312,13 +325,7 @@ def load_locality(path: str | Path | None = None) -> list[LocalitySnippet]:
     for line, obj in read_records(path):
         c = Checker(path, line, obj)
         sid = c.unique("id", seen)
-        prompt, completion = c.str("prompt"), c.str("completion")
-        if not prompt.endswith("\n"):
-            raise c.fail("prompt", "must end with a newline")
-        if "\n" in completion:
-            raise c.fail("completion", "must be a single line")
-        if prompt in prompts:
-            raise c.fail("prompt", f"duplicate prompt (also on line {prompts[prompt]})")
+        prompt, completion = snippet_text(c, prompts)
         prompts[prompt] = line
         out.append(LocalitySnippet(sid, prompt, completion))
     if not out:
@@ -431,13 +438,7 @@ def load_specificity(
         mid = c.str("migration")
         if mid not in by_id:
             raise c.fail("migration", f"unknown migration {mid!r}")
-        prompt, completion = c.str("prompt"), c.str("completion")
-        if not prompt.endswith("\n"):
-            raise c.fail("prompt", "must end with a newline")
-        if "\n" in completion:
-            raise c.fail("completion", "must be a single line")
-        if prompt in prompts:
-            raise c.fail("prompt", f"duplicate prompt (also on line {prompts[prompt]})")
+        prompt, completion = snippet_text(c, prompts)
         if prompt in taken:
             raise c.fail("prompt", f"same as {taken[prompt]} prompt: {prompt[:40]!r}")
         m = by_id[mid]

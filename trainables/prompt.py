@@ -49,14 +49,16 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from trainables.common import STATUS_COMPLETED, Reporter, config_from_dict, local_reporter, set_threads, tune_reporter
+from trainables.common import (
+    STATUS_COMPLETED, Reporter, RunSettings, config_from_dict, local_reporter, set_threads, tune_reporter,
+)
 
 STRATEGIES = ("basic", "context", "rules", "cot")
 KNOWLEDGE = ("update", "library")
 
 
 @dataclass
-class PromptConfig:
+class PromptConfig(RunSettings):
     """One evaluation of a prompt strategy. Nothing is trained (trainable_params = 0)."""
 
     model: str = "testbed"
@@ -65,13 +67,6 @@ class PromptConfig:
     knowledge: str = "update"  # update (the prompt's own migration) | library (imports only)
     max_rules: int = 3  # library knowledge: rules per prompt; each costs ~25 of the testbed's 256 positions
     temperature: float = 0.0  # 0 = greedy, as every trained method is scored
-    seed: int = 0
-    threads: int = 1
-    workers: int = 1  # accepted for the engine; a prompt evaluation runs in one process
-    use_gpu: bool = False
-    # auto: bf16 on a GPU that has it, fp32 on the CPU (trainables.models.resolve_dtype)
-    dtype: str = "auto"
-    gradient_checkpointing: bool = False  # accepted for a uniform command line; nothing is trained by backprop
 
     def __post_init__(self) -> None:
         from trainables.models import check_dtype

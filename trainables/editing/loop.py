@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from trainables.common import (
-    STATUS_COMPLETED, STATUS_DIVERGED, Reporter, config_from_dict, local_reporter,
+    RunSettings, STATUS_COMPLETED, STATUS_DIVERGED, Reporter, config_from_dict, local_reporter,
     set_threads, tune_reporter,
 )
 from trainables.hooks import fire
@@ -50,7 +50,7 @@ FACT_TOKENS = ("subject_last", "subject_first", "subject_first_after_last", "las
 
 
 @dataclass
-class _EditBase:
+class _EditBase(RunSettings):
     """What ROME and MEMIT share. Defaults: EasyEdit's hparams for LLaMA / GPT-J, which follow
     the papers (ROME: Meng et al. 2022, Table/App. B; MEMIT: Meng et al. 2023, App. B)."""
 
@@ -71,13 +71,6 @@ class _EditBase:
     mom2_n_samples: int = 100_000  # corpus texts for C (papers: 100k Wikipedia texts; capped by the corpus)
     fact_token: str = "subject_last"  # where the fact is looked up: the subject's last token (ROME s2)
     phases: int = 4  # the requests are applied in this many chunks, one report each
-    seed: int = 0
-    threads: int = 1
-    workers: int = 1
-    use_gpu: bool = False
-    # auto: bf16 on a GPU that has it, fp32 on the CPU (trainables.models.resolve_dtype)
-    dtype: str = "auto"
-    gradient_checkpointing: bool = False  # accepted for a uniform command line; nothing is trained by backprop
 
     def _check_common(self) -> None:
         from trainables.models import check_dtype

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from trainables.common import (
-    STATUS_COMPLETED, STATUS_DIVERGED, DivergenceGuard, Diverged, Reporter,
+    RunSettings, STATUS_COMPLETED, STATUS_DIVERGED, DivergenceGuard, Diverged, Reporter,
     config_from_dict, length_grouped_batches, local_reporter,
     set_threads, tune_reporter,
 )
@@ -35,7 +35,7 @@ TARGETS = ("qv", "attn", "mlp", "all")
 
 
 @dataclass
-class LoraTrainConfig:
+class LoraTrainConfig(RunSettings):
     """One LoRA / hierarchical-LoRA run. Defaults: LoRA paper (Hu et al. 2022) where it gives
     one, otherwise values that trained the testbed stably."""
 
@@ -75,13 +75,6 @@ class LoraTrainConfig:
     anchors: int = 0
     batch_size: int = 16
     grad_accum: int = 1  # optimizer step every grad_accum micro-batches
-    seed: int = 0
-    threads: int = 1  # torch intra-op threads (= the trial's CPUs)
-    workers: int = 1  # > 1: DDP through a Ray Train TorchTrainer
-    use_gpu: bool = False
-    # auto: bf16 on a GPU that has it, fp32 on the CPU (trainables.models.resolve_dtype)
-    dtype: str = "auto"
-    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, more compute
 
     def __post_init__(self) -> None:
         check_adapter_fields(self)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from trainables.common import config_from_dict, local_reporter, tune_reporter
+from trainables.common import RunSettings, config_from_dict, local_reporter, tune_reporter
 from trainables.lora.loop import adapter_layer_range, check_adapter_fields
 
 # TRL 1.16 DPO losses worth searching here (DPOConfig.loss_type): sigmoid (the DPO paper), ipo
@@ -22,7 +22,7 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
 @dataclass
-class DpoTrainConfig:
+class DpoTrainConfig(RunSettings):
     """One DPO run. Defaults: the DPO paper (beta 0.1), TRL's DPOConfig where it fits a tiny
     CPU model, and the LoRA trainable's adapter defaults."""
 
@@ -53,13 +53,6 @@ class DpoTrainConfig:
     epochs: int = 4
     batch_size: int = 8
     max_length: int = 256  # prompt + completion tokens; our contexts are < 100, ReCode tails longer
-    seed: int = 0
-    threads: int = 1
-    workers: int = 1
-    use_gpu: bool = False
-    # auto: bf16 on a GPU that has it, fp32 on the CPU (trainables.models.resolve_dtype)
-    dtype: str = "auto"
-    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, more compute
 
     def __post_init__(self) -> None:
         check_adapter_fields(self)

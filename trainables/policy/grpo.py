@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from trainables.common import config_from_dict, local_reporter, tune_reporter
+from trainables.common import RunSettings, config_from_dict, local_reporter, tune_reporter
 from trainables.lora.loop import adapter_layer_range, check_adapter_fields
 from trainables.policy.rewards import COMPONENTS, DEFAULT_WEIGHTS, EXEC_TIMEOUT_S
 
@@ -24,7 +24,7 @@ LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
 
 
 @dataclass
-class GrpoTrainConfig:
+class GrpoTrainConfig(RunSettings):
     """One GRPO run. Defaults: TRL's GRPOConfig (loss dapo, clip epsilon 0.2, beta 0.0,
     temperature 1.0) except where a tiny CPU model needs otherwise (lr, lengths, batch)."""
 
@@ -65,13 +65,6 @@ class GrpoTrainConfig:
     w_api: float = DEFAULT_WEIGHTS["api"]
     w_format: float = DEFAULT_WEIGHTS["format"]
     exec_timeout: float = EXEC_TIMEOUT_S
-    seed: int = 0
-    threads: int = 1
-    workers: int = 1
-    use_gpu: bool = False
-    # auto: bf16 on a GPU that has it, fp32 on the CPU (trainables.models.resolve_dtype)
-    dtype: str = "auto"
-    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, more compute
 
     def __post_init__(self) -> None:
         from trainables.policy.rewards import check_weights
