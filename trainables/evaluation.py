@@ -588,5 +588,10 @@ def references(model_name: str, device: str, dtype: str, progress_too: bool) -> 
     trials run (a GPU task when they have GPUs)."""
     from trainables.data import load_locality
 
+    if str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():  # a GPU Ray counts but torch cannot use: as the trials do
+            device = "cpu"
     base_locality(model_name, load_locality(), device=device, dtype=dtype)
     return base_progress(model_name, device=device, dtype=dtype) if progress_too else None
