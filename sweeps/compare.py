@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for compare.md / compare.png / compare.json "
                                  "(default <mlruns>/artifacts/compare)")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON line")
+    p.add_argument("--no-ids", action="store_true", help="leave out the sweep / trial column (for documents)")
     return p
 
 
@@ -102,9 +103,11 @@ def history(client, methods) -> str:
     return "\n".join(out)
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], ids: bool = True) -> str:
+    """The rows as a Markdown table; ``ids``: with the column naming each row's sweep and trial
+    (for finding it in MLflow; a document meant to outlive the store leaves it out)."""
     head = ["method", "efficacy", "generalization", "locality", "api_correct", "trainable params", "trial s",
-            "objective", "sweep / trial"]
+            "objective"] + (["sweep / trial"] if ids else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def f(v, fmt="{:.3f}"):
@@ -113,8 +116,8 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         lines.append("| " + " | ".join([
             r["method"], f(r["efficacy"]), f(r["generalization"]), f(r["locality"]), f(r["api_correct"]),
-            f(r["trainable_params"], "{:,}"), f(r["trial_seconds"], "{:.0f}"), f(r["objective"]),
-            f"{r['sweep']} / {r['trial_id']}"]) + " |")
+            f(r["trainable_params"], "{:,}"), f(r["trial_seconds"], "{:.0f}"), f(r["objective"])]
+            + ([f"{r['sweep']} / {r['trial_id']}"] if ids else [])) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -175,7 +178,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(rows))
     else:
-        print(md, end="")
+        print(markdown(rows, ids=not args.no_ids), end="")
         print(f"written: {out / 'compare.md'}, {out / 'compare.png'}, {out / 'compare.json'}")
     return 0
 
