@@ -7,9 +7,10 @@
 
 Best = among the completed trials (tag trial_status = completed; pruned, diverged and failed
 trials are left out) of all sweeps of the method in the store, the first by
-``trainables.objective.rank``: locality at the floor, then the objective, then fewer trainable
-parameters (the sweep summary and export_best.py choose the same way). Files go to
-<mlruns>/artifacts/compare/ (or --out).
+``trainables.objective.rank``: locality and specificity at the floor, then the objective, then
+fewer trainable parameters (the sweep summary and export_best.py choose the same way), all read on
+the validation split; the chosen trial's test split figures (``test_*``) stand beside them. Files
+go to <mlruns>/artifacts/compare/ (or --out).
 """
 import argparse
 import json
@@ -20,7 +21,8 @@ import sys
 sys.path[0] = str(pathlib.Path(__file__).resolve().parent.parent)  # the project root, not sweeps/
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-COLUMNS = ("efficacy", "generalization", "locality", "api_correct", "objective", "trainable_params", "trial_seconds")
+COLUMNS = ("efficacy", "generalization", "locality", "specificity", "api_correct", "objective", "trainable_params",
+           "trial_seconds", "test_generalization", "test_locality", "test_specificity")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,30 +94,33 @@ def history(client, methods) -> str:
         for (m, method), sweeps in sorted(by.items()):
             if m != model:
                 continue
-            out += [f"### {method}", "", "| sweep | completed | efficacy | generalization | locality | params | trial s |",
-                    "|---|---|---|---|---|---|---|"]
+            out += [f"### {method}", "", "| sweep | completed | efficacy | generalization | locality | specificity | "
+                    "test gen. | test loc. | test spec. | params | trial s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
             for sweep, runs in sorted(sweeps.items()):
                 best = max(runs, key=lambda r: rank(r.data.metrics, r.data.tags.get("trial_id"))).data.metrics
-                out.append(f"| {sweep} | {len(runs)} | {best.get('efficacy', 0):.3f} | {best.get('generalization', 0):.3f} | "
-                           f"{best.get('locality', 0):.3f} | {int(best.get('trainable_params', 0)):,} | "
+                cells = [_fmt(best.get(k)) for k in ("efficacy", "generalization", "locality", "specificity",
+                                                      "test_generalization", "test_locality", "test_specificity")]
+                out.append(f"| {sweep} | {len(runs)} | " + " | ".join(cells) + f" | {int(best.get('trainable_params', 0)):,} | "
                            f"{best.get('trial_seconds', 0):.0f} |")
             out.append("")
     return "\n".join(out)
 
 
+def _fmt(v, fmt="{:.3f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
 def markdown(rows: list[dict], ids: bool = True) -> str:
     """The rows as a Markdown table; ``ids``: with the column naming each row's sweep and trial
     (for finding it in MLflow; a document meant to outlive the store leaves it out)."""
-    head = ["method", "efficacy", "generalization", "locality", "api_correct", "trainable params", "trial s",
-            "objective"] + (["sweep / trial"] if ids else [])
+    head = ["method", "efficacy", "generalization", "locality", "specificity", "test gen.", "test loc.", "test spec.",
+            "trainable params", "trial s", "objective"] + (["sweep / trial"] if ids else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-
-    def f(v, fmt="{:.3f}"):
-        return "-" if v is None else fmt.format(v)
-
+    f = _fmt
     for r in rows:
         lines.append("| " + " | ".join([
-            r["method"], f(r["efficacy"]), f(r["generalization"]), f(r["locality"]), f(r["api_correct"]),
+            r["method"], f(r["efficacy"]), f(r["generalization"]), f(r["locality"]), f(r["specificity"]),
+            f(r["test_generalization"]), f(r["test_locality"]), f(r["test_specificity"]),
             f(r["trainable_params"], "{:,}"), f(r["trial_seconds"], "{:.0f}"), f(r["objective"])]
             + ([f"{r['sweep']} / {r['trial_id']}"] if ids else [])) + " |")
     return "\n".join(lines) + "\n"

@@ -4,6 +4,10 @@
     python sweeps/evaluate.py --model testbed --json
     python sweeps/evaluate.py --model smollm2 --by-library
     python sweeps/evaluate.py --model testbed --adapter PATH
+
+Prints the validation split's figures (what the sweeps select on) and the test split's as
+test_* (data/test_contexts.jsonl and the other halves of the locality and over-application
+sets: no sweep reads them).
 """
 import argparse
 import json
@@ -12,8 +16,9 @@ import sys
 
 sys.path[0] = str(pathlib.Path(__file__).resolve().parent.parent)  # the project root, not sweeps/
 
-ORDER = ["efficacy", "generalization", "soft_generalization", "old_api_rate", "locality", "locality_accuracy", "api_correct",
-         "syntax_ok", "exact_match", "edit_similarity", "objective", "n_migrations", "n_libraries", "n_locality"]
+ORDER = ["efficacy", "generalization", "soft_generalization", "old_api_rate", "locality", "locality_accuracy",
+         "specificity", "specificity_accuracy", "over_application", "api_correct", "syntax_ok", "exact_match",
+         "edit_similarity", "objective", "n_migrations", "n_libraries", "n_locality", "n_specificity"]
 
 
 def main(argv=None) -> int:
@@ -22,8 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="testbed",
                    help="'testbed', 'smollm2', a .gguf file, a local model folder or a hub id")
     p.add_argument("--adapter", help="a PEFT adapter folder to apply on top of --model")
-    p.add_argument("--migrations", help="migrations JSONL (default data/migrations.jsonl)")
-    p.add_argument("--locality", help="locality JSONL (default data/locality.jsonl)")
+    p.add_argument("--migrations", help="migrations JSONL (default: data/'s validation and test splits)")
+    p.add_argument("--locality", help="locality JSONL (default: data/'s validation and test splits)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object on the last line")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--by-library", action="store_true",
@@ -47,19 +52,27 @@ def main(argv=None) -> int:
     import time
 
     from trainables.common import set_threads
-    from trainables.evaluation import base_locality, evaluate
+    from trainables.evaluation import EvalData, EvalSet, base_locality, default_eval_data
     from trainables.models import load_model
 
     set_threads(args.threads)
     t0 = time.time()
-    base = None  # scoring the base model itself: its own completions are the locality reference
+    # scoring the base model itself: its own completions are the locality / specificity reference
+    with_base = bool(args.adapter)
+    if args.migrations or args.locality:  # the files given, as one set, no over-application lookalikes
+        base = tuple(base_locality(args.model, locality)) if with_base else None
+        sets = EvalData(EvalSet("given", tuple(migrations), tuple(locality), base), None)
+    else:
+        sets = default_eval_data(args.model, with_base=with_base)
     model, tokenizer = load_model(args.model)
     if args.adapter:
         from peft import PeftModel
 
-        base = base_locality(args.model, locality)
         model = PeftModel.from_pretrained(model, args.adapter)
-    metrics, preds = evaluate(model, tokenizer, migrations, locality, base)
+    metrics, preds = sets.validation.evaluate(model, tokenizer)
+    test = sets.test_metrics(model, tokenizer)
+    metrics.update(test)
+    migrations = list(sets.validation.migrations)
     metrics["seconds"] = round(time.time() - t0, 1)
     if args.by_library:
         from trainables.evaluation import by_library
@@ -68,12 +81,15 @@ def main(argv=None) -> int:
         print(f"{'library':<14}{'probes':>7}{'old':>7}{'new':>7}{'neither':>9}{'prefers new':>13}")
         for lib, r in rows.items():
             print(f"{lib:<14}{r['probes']:>7}{r['old']:>7.2f}{r['new']:>7.2f}{r['neither']:>9.2f}{r['prefers_new']:>13.2f}")
+    keys = [k for k in ORDER if k in metrics] + sorted(test) + ["seconds"]
     if args.json:
-        print(json.dumps({k: metrics[k] for k in ORDER + ["seconds"]}))
+        print(json.dumps({k: metrics[k] for k in keys}))
     else:
-        for k in ORDER + ["seconds"]:
+        if test:
+            print("validation split (what a sweep selects on), then test_*: the held-out split")
+        for k in keys:
             v = metrics[k]
-            print(f"{k:>18}  {v:.3f}" if isinstance(v, float) else f"{k:>18}  {v}")
+            print(f"{k:>24}  {v:.3f}" if isinstance(v, float) else f"{k:>24}  {v}")
     return 0
 
 

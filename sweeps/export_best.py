@@ -32,7 +32,7 @@ def export(method: str, name: str, out: pathlib.Path, tracking_uri: str) -> dict
     import yaml
 
     from trainables.objective import rank
-    from trainables.sweep.report import SHOW
+    from trainables.sweep.report import SHOW, TEST_SHOW
     from trainables.sweep.tracking import children, client_for, find_parent
 
     client = client_for(tracking_uri)
@@ -51,7 +51,7 @@ def export(method: str, name: str, out: pathlib.Path, tracking_uri: str) -> dict
         "method": method,
         "config": config,
         # the metrics the sweep summary shows, plus api_correct
-        "metrics": {k: best.data.metrics[k] for k in [*SHOW, "api_correct"] if k in best.data.metrics},
+        "metrics": {k: best.data.metrics[k] for k in [*SHOW, "api_correct", *TEST_SHOW] if k in best.data.metrics},
         "provenance": {
             "sweep": name,
             "trial_id": best.data.tags.get("trial_id"),
@@ -91,10 +91,12 @@ def main(argv=None) -> int:
         return 2
     m = doc["metrics"]
     # not at module level: it imports MLflow, and --help should stay fast
-    from trainables.sweep.report import SHOW
+    from trainables.sweep.report import SHOW, TEST_SHOW
 
     print(f"wrote {args.out}: trial {doc['provenance']['trial_id']} of {args.name}, "
           + ", ".join(f"{k} {m[k]:.3f}" for k in SHOW if k in m and k not in ("trainable_params", "trial_seconds")))
+    if any(k in m for k in TEST_SHOW):
+        print("  its test split: " + ", ".join(f"{k[5:]} {m[k]:.3f}" for k in TEST_SHOW if k in m))
     return 0
 
 

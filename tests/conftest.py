@@ -18,7 +18,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 # The tests' world keeps the testbed's earlier corpus (no renamed or tagged probe copies): its
 # base figures are what the tests pin, and 150 steps are enough for it.
 SMALL_TESTBED = {"steps": 150, "num_layers": 4, "hidden_size": 64, "intermediate_size": 172, "vocab_size": 512,
-                 "renamed_copies": 0, "tagged_new_copies": 1, "tagged_new_probes": False}
+                 "renamed_copies": 0, "tagged_new_copies": 1, "tagged_new_probes": False, "specificity_copies": 0}
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

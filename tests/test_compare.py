@@ -30,6 +30,10 @@ def _store(home: Path) -> None:
                          "locality": 0.95, "api_correct": efficacy * 0.8, "trainable_params": params,
                          "trial_seconds": 12.5}.items():
                 client.log_metric(run.info.run_id, k, v)
+            if method == "lora":  # the over-application figure and the test split, beside validation
+                for k, v in {"specificity": 0.97, "test_generalization": objective - 0.1, "test_locality": 0.96,
+                             "test_specificity": 0.98}.items():
+                    client.log_metric(run.info.run_id, k, v)
             client.log_param(run.info.run_id, "lr", str(0.001 * (i + 1)))
             client.set_terminated(run.info.run_id)
 
@@ -48,7 +52,8 @@ def test_best_completed_trial_per_method(tmp_path):
     assert lora["trials"] == 2 and lora["config"] == {"lr": "0.002"}
     assert rows["prompt"]["trainable_params"] == 0
     md = (home / "artifacts" / "compare" / "compare.md").read_text()
-    assert "| lora | 0.800 | 0.550 | 0.950 | 0.640 | 16,384 | 12 | 0.550 | s / t1 |" in md
+    assert "| lora | 0.800 | 0.550 | 0.950 | 0.970 | 0.450 | 0.960 | 0.980 | 16,384 | 12 | 0.550 | s / t1 |" in md
+    assert "| prompt | 0.600 | 0.040 | 0.950 | - | - | - | - | 0 | 12 | 0.040 | s / t0 |" in md
     assert (home / "artifacts" / "compare" / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -211,3 +211,33 @@ def test_specificity_rejects_a_bad_record_in_one_line(tmp_path, field, value, me
     p = _write(tmp_path, recs, "s.jsonl")
     with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:2: {message}$"):
         load_specificity(p, migrations, locality)
+
+
+def test_validation_and_test_splits_are_fixed_halves_with_every_group_on_both_sides():
+    from trainables.data import split
+
+    migrations, locality = _project()
+    snippets = load_specificity(PROJECT_DATA / "specificity.jsonl", migrations, locality)
+    val, test = split(locality)
+    assert len(val) + len(test) == len(locality) and abs(len(val) - len(test)) <= 1
+    assert not {s.id for s in val} & {s.id for s in test}
+    assert split(list(reversed(locality))) == (list(reversed(val)), list(reversed(test)))  # not file order
+    sval, stest = split(snippets, group=lambda s: s.migration)
+    attribute = {m.id for m in migrations if m.deprecated.startswith(".")}
+    assert attribute <= {s.migration for s in sval} and attribute <= {s.migration for s in stest}
+    # a record's side depends on its own group only: dropping another migration's lookalikes moves nothing
+    rest = [s for s in snippets if s.migration != snippets[0].migration]
+    assert split(rest, group=lambda s: s.migration)[1] == [s for s in stest if s.migration != snippets[0].migration]
+
+
+def test_default_eval_data_keeps_the_test_split_apart(small_testbed):
+    from trainables.evaluation import default_eval_data
+
+    data = default_eval_data("testbed")
+    val, test = data.validation, data.test
+    assert test is not None and len(val.migrations) == len(test.migrations) == 4
+    val_prompts = {c.prompt for m in val.migrations for c in m.probe_contexts + m.train_contexts}
+    assert not val_prompts & {c.prompt for m in test.migrations for c in m.probe_contexts}
+    assert not {s.id for s in val.locality} & {s.id for s in test.locality}
+    assert not {s.id for s in val.specificity} & {s.id for s in test.specificity}
+    assert len(val.base_locality) == len(val.locality) and len(test.base_specificity) == len(test.specificity)

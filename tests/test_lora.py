@@ -144,7 +144,7 @@ def test_soft_generalization_rises_as_the_adapter_learns_and_progress_adds_it(sm
     from trainables.evaluation import default_eval_data, soft_generalization
 
     model, tok = load_model("testbed")
-    base = soft_generalization(model, tok, default_eval_data("testbed")[0])
+    base = soft_generalization(model, tok, default_eval_data("testbed").validation.migrations)
     assert base < 0.2  # the base model prefers the old line on (almost) every probe
     history: list[dict] = []
     train_loop(_cfg(epochs=3, lr=1e-2), local_reporter(history))
@@ -381,10 +381,10 @@ def test_frozen_states_are_shared_through_the_cache_and_change_nothing(small_tes
             files = sorted(cache.iterdir())
             stamps.append({p.name: p.stat().st_mtime_ns for p in files})
             # (L - 1 inputs + final) x (2 training sets (augment: one per epoch), the anchor
-            # pool's first chunk, the quick and the final evaluation's sequences)
-            assert len(files) == n_layers * 5
+            # pool's first chunk, the quick and the final evaluation's sequences, the test split's)
+            assert len(files) == n_layers * 6
             names = [p.name.split("-")[0] for p in files]
-            assert {n: names.count(n) for n in names} == {**{f"h{i}": 5 for i in range(1, n_layers)}, "final": 5}
+            assert {n: names.count(n) for n in names} == {**{f"h{i}": 6 for i in range(1, n_layers)}, "final": 6}
     assert stamps[0] == stamps[1]  # the second run read, it did not write
     first, warm, memory = runs
     for key in ("train_loss", "efficacy", "generalization", "locality", "soft_generalization"):

@@ -41,7 +41,12 @@ def test_strategies_put_comment_headers_before_the_unchanged_prompt(fixture_data
         assert all(line.startswith("#") for line in h.splitlines())
     # applied: every prompt keeps its code, behind the header; locality snippets without an
     # import of a known library stay as they were
-    new_m, new_l = PromptBuilder(rules, "context", "update", 3).apply(migrations, locality)
+    from trainables.evaluation import EvalSet
+
+    b = PromptBuilder(rules, "context", "update", 3)
+    headed = EvalSet("validation", tuple(migrations), tuple(locality), None).with_prompts(
+        lambda p, mid: b.header(p, mid) + p, lambda p: b.header(p, None) + p)
+    new_m, new_l = headed.migrations, headed.locality
     assert new_m[0].probe_contexts[0].prompt == heads["context"] + ctx.prompt
     plain = [s for s in locality if not imported_libraries(s.prompt)]
     assert plain and all(a.prompt == b.prompt for a, b in zip(new_l, locality) if b in plain)

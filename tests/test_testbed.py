@@ -92,3 +92,25 @@ def test_evaluate_cli_bad_model_is_one_line():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "no such file" in out.stderr
+
+
+def test_specificity_counts_lookalikes_the_update_no_longer_completes_as_the_base_did(small_testbed):
+    """Scored against the base model's own completions the base keeps every lookalike; against
+    other references (what an update that moved them would be compared with) it loses them, and
+    the objective pays for it like for locality."""
+    from trainables.evaluation import default_eval_data
+    from trainables.models import load_model
+    from trainables.objective import LOCALITY_FLOOR, LOCALITY_PENALTY
+
+    model, tok = load_model("testbed")
+    val = default_eval_data("testbed").validation
+    assert val.specificity
+    same, _ = val.evaluate(model, tok)
+    assert same["specificity"] == 1.0 and same["n_specificity"] == len(val.specificity)
+    from dataclasses import replace
+
+    moved = replace(val, base_specificity=tuple("x = 1" for _ in val.specificity))
+    got, preds = moved.evaluate(model, tok)
+    assert got["specificity"] == 0.0 and got["locality"] == same["locality"]
+    assert got["objective"] == pytest.approx(same["objective"] - LOCALITY_PENALTY * LOCALITY_FLOOR)
+    assert sum(p.kind == "specificity" for p in preds) == len(val.specificity)

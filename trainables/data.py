@@ -454,6 +454,25 @@ def load_specificity(
     return out
 
 
+def split(records, group=None) -> tuple[list, list]:
+    """The fixed validation / test split of a snippet set: (validation, test), each in file order.
+
+    Within each group (``group(record)``; one group when None), the records taken in order of
+    sha256 of their id alternate validation, test, validation, ...: the halves differ by at
+    most one record per group, a record's side depends on its group's ids only (not on the
+    file's order, or on other groups), and every group of 2 or more has records on both sides
+    (the over-application set groups by migration: each attribute-style migration's 3+
+    lookalikes are read by the search and by the test)."""
+    groups: dict = {}
+    for r in records:
+        groups.setdefault(group(r) if group else None, []).append(r)
+    test_ids = set()
+    for members in groups.values():
+        ordered = sorted(members, key=lambda r: hashlib.sha256(r.id.encode()).hexdigest())
+        test_ids.update(r.id for r in ordered[1::2])
+    return [r for r in records if r.id not in test_ids], [r for r in records if r.id in test_ids]
+
+
 def file_digest(*paths: str | Path) -> str:
     """sha256 over the bytes of the given files: keys the testbed cache."""
     h = hashlib.sha256()

@@ -366,40 +366,51 @@ def soft_generalization(model, tokenizer, migrations) -> float:
 
 def evaluate(model, tokenizer, migrations, locality, base_locality: list[str] | None,
              batch_size: int = 96, max_new_tokens: int = MAX_NEW_TOKENS,
-             quick: bool = False, start_states=None) -> tuple[dict, list[Prediction]]:
-    """All metrics plus the predictions. ``base_locality``: the base model's locality
-    completions (``None`` when scoring the base model itself: locality is then 1 by definition).
+             quick: bool = False, start_states=None, specificity=(), base_specificity: list[str] | None = None,
+             train: bool = True) -> tuple[dict, list[Prediction]]:
+    """All metrics plus the predictions. ``base_locality`` / ``base_specificity``: the base
+    model's completions of the locality and over-application prompts (``None`` when scoring the
+    base model itself: locality and specificity are then 1 by definition).
 
     ``quick``: for intermediate reports (ASHA and the multi-objective searcher decide on them):
     the first train context of each migration instead of all three. Every locality prompt is
     kept: with every 4th only (58), the locality penalty at a rung carried +-0.16 of noise (one
     standard deviation, x4 below the floor); the proofs below make the other 172 cheap.
+    ``train=False`` leaves the train contexts out (a test split reports no efficacy).
 
     One teacher-forced pass (:func:`score_lines`) scores every prompt against the line it
-    should produce (the reference new line; for locality, the base model's completion), and
-    every migration context against its old line too: where it proves that greedy decoding
-    gives exactly one of them, that line is the completion, and only the other prompts are
-    decoded. The metrics are those of decoding every prompt; a
-    trained adapter reproduces most of its lines, so ~3/4 of the decoding goes.
+    should produce (the reference new line; for locality and specificity, the base model's
+    completion), and every migration context against its old line too: where it proves that
+    greedy decoding gives exactly one of them, that line is the completion, and only the other
+    prompts are decoded. The metrics are those of decoding every prompt; a trained adapter
+    reproduces most of its lines, so ~3/4 of the decoding goes.
 
     ``start_states``: see :func:`score_lines` (the training loop passes its ``FrozenStates``)."""
     model = merged_copy(model)
+    specificity = list(specificity)
     items: list[tuple[str, object, object]] = []
     for m in migrations:
-        items += [("train", m, c) for c in (m.train_contexts[:1] if quick else m.train_contexts)]
+        if train:
+            items += [("train", m, c) for c in (m.train_contexts[:1] if quick else m.train_contexts)]
         items += [("probe", m, c) for c in m.probe_contexts]
     items += [("locality", s, None) for s in locality]
+    items += [("specificity", s, None) for s in specificity]
     prompts = [(c.prompt if c is not None else s.prompt) for _, s, c in items]
     # the start of the statement the prompt already holds; the completion is what follows it
     heads = [(c.head if c is not None else "") for _, _, c in items]
     expected: list[str | None] = [c.new[len(c.head):] if c is not None else None for _, _, c in items]
-    if base_locality is not None:
-        expected[len(expected) - len(locality):] = base_locality
+    for kind, base in (("locality", base_locality), ("specificity", base_specificity)):
+        where = [i for i, (k, _, _) in enumerate(items) if k == kind]
+        if base is not None:
+            if len(base) != len(where):
+                raise ValueError(f"{len(base)} base {kind} completions for {len(where)} prompts")
+            for i, b in zip(where, base):
+                expected[i] = b
     checks = [i for i, e in enumerate(expected) if e is not None]
     # every migration context is also scored against its old line: the probes' scores give
     # soft_generalization, and a context proven to be completed with the old line (an untrained
     # or stalled model: most of them) need not be decoded either
-    olds = [i for i, (kind, _, _) in enumerate(items) if kind != "locality"]
+    olds = [i for i, (kind, _, _) in enumerate(items) if kind in ("train", "probe")]
     scored = checks + olds
     scores = score_lines(model, tokenizer, [(prompts[i], expected[i]) for i in checks]
                          + [(prompts[i], items[i][2].old[len(heads[i]):]) for i in olds], batch_size, max_new_tokens,
@@ -421,13 +432,18 @@ def evaluate(model, tokenizer, migrations, locality, base_locality: list[str] | 
     # judged: the whole statement, the shared head included
     completions = [h + c for h, c in zip(heads, completions)]
 
+    by_id = {m.id: m for m in migrations}
     preds: list[Prediction] = []
     rows: dict[str, list] = {"train": [], "probe": []}
-    loc_pred: list[str] = []
+    snippet_pred: dict[str, list[str]] = {"locality": [], "specificity": []}
+    over: list[bool] = []
     for (kind, rec, ctx), comp in zip(items, completions):
-        if kind == "locality":
-            loc_pred.append(comp)
+        if kind in snippet_pred:
+            snippet_pred[kind].append(comp)
             preds.append(Prediction(kind, rec.id, rec.prompt, comp, rec.completion))
+            m = by_id.get(getattr(rec, "migration", None))
+            if kind == "specificity" and m is not None:  # the lookalike rewritten to the new API
+                over.append(check_completion(rec.prompt, comp, m.deprecated, m.replacement).uses_new)
             continue
         chk = check_completion(ctx.prompt, comp, rec.deprecated, rec.replacement)
         sim = difflib.SequenceMatcher(None, comp, ctx.new).ratio()
@@ -435,10 +451,10 @@ def evaluate(model, tokenizer, migrations, locality, base_locality: list[str] | 
         preds.append(Prediction(kind, rec.id, ctx.prompt, comp, ctx.new))
 
     both = rows["train"] + rows["probe"]
-    if base_locality is None:
-        base_locality = loc_pred
+    loc_pred, spec_pred = snippet_pred["locality"], snippet_pred["specificity"]
+    base_locality = loc_pred if base_locality is None else base_locality
+    base_specificity = spec_pred if base_specificity is None else base_specificity
     metrics = {
-        "efficacy": _mean(c.correct for c, _, _ in rows["train"]),
         "generalization": _mean(c.correct for c, _, _ in rows["probe"]),
         "old_api_rate": _mean(c.uses_old for c, _, _ in rows["probe"]),
         "locality": _mean(p == b for p, b in zip(loc_pred, base_locality)),
@@ -452,11 +468,81 @@ def evaluate(model, tokenizer, migrations, locality, base_locality: list[str] | 
         "n_locality": len(locality),
         "decoded": len(todo) / max(1, len(items)),
     }
+    if train:
+        metrics["efficacy"] = _mean(c.correct for c, _, _ in rows["train"])
+    if specificity:
+        metrics.update(specificity=_mean(p == b for p, b in zip(spec_pred, base_specificity)),
+                       specificity_accuracy=_mean(p == s.completion for p, s in zip(spec_pred, specificity)),
+                       over_application=_mean(over), n_specificity=len(specificity))
     probe_idx = [i for i, (kind, _, _) in enumerate(items) if kind == "probe"]
     metrics["soft_generalization"] = _soft([new_lp[i] for i in probe_idx], [old_lp[i] for i in probe_idx])
     metrics["objective"] = objective(metrics)
     metrics["progress"] = progress(metrics)
     return metrics, preds
+
+
+# What a split's report holds besides the validation figures, each as ``test_<key>``: the
+# test split has no train contexts (efficacy is a property of the training data, not a split).
+TEST_KEYS = ("generalization", "old_api_rate", "soft_generalization", "locality", "locality_accuracy",
+             "specificity", "specificity_accuracy", "over_application", "syntax_ok", "objective")
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One split of the evaluation data and the base model's completions of its snippets.
+
+    ``migrations`` hold the split's held-out contexts as ``probe_contexts`` (the validation
+    split: the probe contexts; the test split: data/test_contexts.jsonl), so that
+    ``generalization`` means the same on both; ``specificity`` holds the over-application
+    lookalikes."""
+
+    name: str
+    migrations: tuple
+    locality: tuple
+    base_locality: tuple | None
+    specificity: tuple = ()
+    base_specificity: tuple | None = None
+
+    def evaluate(self, model, tokenizer, quick: bool = False, start_states=None, train: bool = True,
+                 batch_size: int = 96) -> tuple[dict, list[Prediction]]:
+        return evaluate(model, tokenizer, self.migrations, self.locality, self.base_locality, batch_size,
+                        quick=quick, start_states=start_states, specificity=self.specificity,
+                        base_specificity=self.base_specificity, train=train)
+
+    def with_prompts(self, context_prompt, snippet_prompt) -> "EvalSet":
+        """The same split with every prompt rewritten (the prompt baseline's headers):
+        ``context_prompt(prompt, migration_id)``, ``snippet_prompt(prompt)``."""
+        from dataclasses import replace
+
+        def ctxs(cs, mid):
+            return tuple(replace(c, prompt=context_prompt(c.prompt, mid)) for c in cs)
+
+        return replace(self, migrations=tuple(
+            replace(m, train_contexts=ctxs(m.train_contexts, m.id), probe_contexts=ctxs(m.probe_contexts, m.id))
+            for m in self.migrations),
+            locality=tuple(replace(s, prompt=snippet_prompt(s.prompt)) for s in self.locality),
+            specificity=tuple(replace(s, prompt=snippet_prompt(s.prompt)) for s in self.specificity))
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """What every trial is scored on: the search reads ``validation`` only (Optuna, ASHA, the
+    stall rule and the best-trial choice); ``test`` is scored once, at a trial's final report,
+    and reported beside it as ``test_*`` (``None`` when the data dir has no test split)."""
+
+    validation: EvalSet
+    test: EvalSet | None
+
+    def test_metrics(self, model, tokenizer, start_states=None, batch_size: int = 96) -> dict:
+        """``test_<key>`` for the :data:`TEST_KEYS` (empty without a test split)."""
+        if self.test is None:
+            return {}
+        m, _ = self.test.evaluate(model, tokenizer, start_states=start_states, train=False, batch_size=batch_size)
+        return {f"test_{k}": m[k] for k in TEST_KEYS if k in m}
+
+    def with_prompts(self, context_prompt, snippet_prompt) -> "EvalData":
+        return EvalData(self.validation.with_prompts(context_prompt, snippet_prompt),
+                        self.test.with_prompts(context_prompt, snippet_prompt) if self.test else None)
 
 
 def by_library(model, tokenizer, migrations, preds: list[Prediction]) -> dict[str, dict]:
@@ -509,15 +595,38 @@ def merged_copy(model):
     return merged
 
 
-def default_eval_data(model_name: str, device: str = "cpu", dtype: str = "fp32") -> tuple:
-    """(migrations, locality snippets, the base model's locality completions) from data/: what
-    every training method is scored on, whatever it trained on. ``device`` / ``dtype``: where
-    and how the trial runs, so that its completions are compared with the base model's made the
-    same way (a bf16 GPU model and an fp32 CPU model can part on near-ties)."""
-    from trainables.data import load_locality, load_migrations
+def default_eval_data(model_name: str, device: str = "cpu", dtype: str = "fp32", with_base: bool = True) -> EvalData:
+    """The validation and test splits of data/ (``trainables.data.split``) with the base
+    model's completions of their snippets: what every training method is scored on, whatever it
+    trained on. Validation: the probe contexts, half the locality snippets, half the
+    over-application lookalikes; test: data/test_contexts.jsonl and the other halves. Without
+    a test_contexts.jsonl there is no test split and validation takes every snippet.
 
-    locality = load_locality()
-    return load_migrations(), locality, base_locality(model_name, locality, device=device, dtype=dtype)
+    ``device`` / ``dtype``: where and how the trial runs, so that its completions are compared
+    with the base model's made the same way (a bf16 GPU model and an fp32 CPU model can part on
+    near-ties). ``with_base=False``: no base completions (scoring the base model itself)."""
+    from dataclasses import replace
+
+    from trainables.data import load_locality, load_migrations, load_specificity, load_test_contexts, split
+
+    migrations, locality = load_migrations(), load_locality()
+    spec = load_specificity(migrations=migrations, locality=locality)
+    tests = load_test_contexts(migrations=migrations)
+    base = {}
+    if with_base:
+        base = dict(zip((s.id for s in locality), base_locality(model_name, locality, device=device, dtype=dtype)))
+        if spec:
+            base.update(zip((s.id for s in spec), base_locality(model_name, spec, device=device, dtype=dtype)))
+
+    def part(name, ms, loc, sp) -> EvalSet:
+        return EvalSet(name, tuple(ms), tuple(loc), tuple(base[s.id] for s in loc) if with_base else None, tuple(sp),
+                       tuple(base[s.id] for s in sp) if with_base else None)
+
+    if not tests:
+        return EvalData(part("validation", migrations, locality, spec), None)
+    (loc_val, loc_test), (spec_val, spec_test) = split(locality), split(spec, group=lambda s: s.migration)
+    return EvalData(part("validation", migrations, loc_val, spec_val),
+                    part("test", [replace(m, probe_contexts=tests[m.id]) for m in migrations], loc_test, spec_test))
 
 
 def _precision_key(device: str, dtype: str) -> list:
@@ -546,39 +655,42 @@ def _cached(kind: str, key_parts, compute):
     return out
 
 
-def base_locality(model_name: str, locality, load=None, device: str = "cpu", dtype: str = "fp32") -> list[str]:
-    """The base model's locality completions, cached on disk per model, locality data, device
-    kind and precision."""
+def base_locality(model_name: str, snippets, load=None, device: str = "cpu", dtype: str = "fp32") -> list[str]:
+    """The base model's completions of ``snippets`` (locality or over-application: anything with
+    a ``prompt`` and a ``completion``), cached on disk per model, snippets, device kind and
+    precision."""
     from trainables.models import load_model, resolve
 
     resolved = resolve(model_name)
 
     def compute():
         model, tokenizer = load(resolved) if load else load_model(resolved, device=device, dtype=dtype)
-        return generate(model, tokenizer, [s.prompt for s in locality])
+        return generate(model, tokenizer, [s.prompt for s in snippets])
 
-    return _cached("base_locality", [resolved, [(s.prompt, s.completion) for s in locality], MAX_NEW_TOKENS,
+    return _cached("base_locality", [resolved, [(s.prompt, s.completion) for s in snippets], MAX_NEW_TOKENS,
                                      *_precision_key(device, dtype)], compute)
 
 
+def _set_key(es: EvalSet) -> list:
+    return [[(m.id, m.deprecated, m.replacement, [(c.prompt, c.old, c.new) for c in m.train_contexts + m.probe_contexts])
+             for m in es.migrations], [(s.prompt, s.completion) for s in es.locality + es.specificity]]
+
+
 def base_progress(model_name: str, device: str = "cpu", dtype: str = "fp32") -> float:
-    """``progress`` of the untrained model on a quick evaluation of data/ (the reference a
-    trial must beat at the first rung: ``trainables.sweep.scheduler.StallASHA``), cached on disk per model +
-    data."""
-    from trainables.data import load_locality, load_migrations
+    """``progress`` of the untrained model on a quick evaluation of the validation split (the
+    reference a trial must beat at the first rung: ``trainables.sweep.scheduler.StallASHA``),
+    cached on disk per model + data."""
     from trainables.models import load_model, resolve
 
     resolved = resolve(model_name)
-    migrations, locality = load_migrations(), load_locality()
-    base = base_locality(model_name, locality, device=device, dtype=dtype)
+    validation = default_eval_data(model_name, device=device, dtype=dtype).validation
 
     def compute():
         model, tokenizer = load_model(resolved, device=device, dtype=dtype)
-        return evaluate(model, tokenizer, migrations, locality, base, quick=True)[0]["progress"]
+        return validation.evaluate(model, tokenizer, quick=True)[0]["progress"]
 
-    key = [resolved, [(m.id, m.deprecated, m.replacement, [(c.prompt, c.old, c.new) for c in m.train_contexts + m.probe_contexts])
-                      for m in migrations], [(s.prompt, s.completion) for s in locality], MAX_NEW_TOKENS,
-           "quick: all locality prompts", *_precision_key(device, dtype)]
+    key = [resolved, _set_key(validation), MAX_NEW_TOKENS, "quick: all locality prompts", "validation split",
+           *_precision_key(device, dtype)]
     return float(_cached("base_progress", key, compute))
 
 
@@ -586,12 +698,10 @@ def references(model_name: str, device: str, dtype: str, progress_too: bool) -> 
     """The base model's references a sweep's trials compare with (locality completions, and the
     stall rule's ``base_progress``), made once and cached; the driver runs this where the
     trials run (a GPU task when they have GPUs)."""
-    from trainables.data import load_locality
-
     if str(device).startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():  # a GPU Ray counts but torch cannot use: as the trials do
             device = "cpu"
-    base_locality(model_name, load_locality(), device=device, dtype=dtype)
+    default_eval_data(model_name, device=device, dtype=dtype)  # the snippets' base completions
     return base_progress(model_name, device=device, dtype=dtype) if progress_too else None

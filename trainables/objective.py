@@ -17,7 +17,7 @@ PROGRESS_WEIGHT = 0.1
 STALL_DELTA = PROGRESS_WEIGHT * 0.001
 
 # Objective given to a trial whose loss or gradient went non-finite. The real objective lies in
-# [-3.8, 1] (generalization minus the locality penalty), so a diverged trial can never be best,
+# [-6.6, 1] (generalization minus the locality and specificity penalties), so a diverged trial can never be best,
 # and TPE still learns that region is bad (a FAIL state would teach it nothing).
 DIVERGED_OBJECTIVE = -10.0
 
@@ -28,9 +28,24 @@ DIVERGED_OBJECTIVE = -10.0
 OOM_OBJECTIVE = DIVERGED_OBJECTIVE
 
 
+def feasible(metrics: dict, prefix: str = "") -> bool:
+    """Whether ``metrics`` keep both no-harm figures at the floor: ``locality`` (unrelated code)
+    and ``specificity`` (the over-application lookalikes; 1 where a run measured none).
+    ``prefix="test_"`` reads a trial's test figures."""
+    return ((metrics.get(f"{prefix}locality") or 0.0) >= LOCALITY_FLOOR
+            and _specificity(metrics, prefix) >= LOCALITY_FLOOR)
+
+
+def _specificity(metrics: dict, prefix: str = "") -> float:
+    v = metrics.get(f"{prefix}specificity")
+    return 1.0 if v is None else float(v)
+
+
 def objective(metrics: dict) -> float:
-    """Generalization subject to locality: one scalar for the search to maximise."""
-    shortfall = max(0.0, LOCALITY_FLOOR - metrics["locality"])
+    """Generalization subject to locality and specificity: one scalar for the search to
+    maximise. The floor holds for both: an update that rewrites `rows.append(x)` on a list into
+    `pd.concat` pays for each lookalike it breaks as for an unrelated line it breaks."""
+    shortfall = max(0.0, LOCALITY_FLOOR - metrics["locality"]) + max(0.0, LOCALITY_FLOOR - _specificity(metrics))
     return metrics["generalization"] - LOCALITY_PENALTY * shortfall
 
 
@@ -49,7 +64,7 @@ def progress(metrics: dict) -> float:
 
 def rank(metrics: dict, trial_id) -> tuple:
     """How the best trial is chosen everywhere (the summary, the parent run, export_best):
-    trials that keep locality at the floor first, then the objective, then fewer trainable
+    trials that keep locality and specificity at the floor first (``feasible``), then the objective, then fewer trainable
     parameters, then locality; the trial id settles exact ties (an editing objective is a count
     over 136 paraphrases: ties are common), so that every reader picks the same trial.
 
@@ -59,5 +74,5 @@ def rank(metrics: dict, trial_id) -> tuple:
     0.05 more generalization wins (a testbed sweep's 0.868 at locality 0.943 over 0.816 at
     0.957)."""
     locality = metrics.get("locality") or 0.0
-    return (locality >= LOCALITY_FLOOR, metrics["objective"], -(metrics.get("trainable_params") or 0), locality,
+    return (feasible(metrics), metrics["objective"], -(metrics.get("trainable_params") or 0), locality,
             str(trial_id))

@@ -188,17 +188,6 @@ class PromptBuilder:
         steps.append(f"# Step {len(rules) + 1}: so the next line uses the new API.")
         return "\n".join(steps) + "\n"
 
-    def apply(self, migrations, locality):
-        """Migrations and locality snippets with every prompt behind its header."""
-        out_m = []
-        for m in migrations:
-            def ctxs(cs):
-                return tuple(replace(c, prompt=self.header(c.prompt, m.id) + c.prompt) for c in cs)
-
-            out_m.append(replace(m, train_contexts=ctxs(m.train_contexts), probe_contexts=ctxs(m.probe_contexts)))
-        out_l = [replace(s, prompt=self.header(s.prompt, None) + s.prompt) for s in locality]
-        return out_m, out_l
-
 
 # --------------------------------------------------------------------------- sampling
 def gumbel_sampler(model, temperature: float, seed: int):
@@ -232,8 +221,8 @@ def evaluate_prompt(cfg: PromptConfig, reporter: Reporter) -> dict:
     metrics: they are reported again rather than recomputed."""
     import torch
 
-    from trainables.data import load_locality, load_migrations
-    from trainables.evaluation import base_locality, evaluate
+    from trainables.data import load_migrations
+    from trainables.evaluation import default_eval_data
     from trainables.models import load_model
 
     set_threads(cfg.threads)
@@ -246,13 +235,15 @@ def evaluate_prompt(cfg: PromptConfig, reporter: Reporter) -> dict:
     torch.manual_seed(cfg.seed)
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype)
-    migrations, locality = load_migrations(), load_locality()  # evaluation: always data/
+    migrations = load_migrations()  # evaluation: always data/
     rules = extract_rules(load_migrations(cfg.dataset) if cfg.dataset else migrations)
     builder = PromptBuilder(rules, cfg.strategy, cfg.knowledge, cfg.max_rules)
-    base_loc = base_locality(cfg.model, locality, device=device, dtype=cfg.dtype)  # the plain prompts' greedy completions
-    eval_m, eval_l = builder.apply(migrations, locality)
+    # every prompt behind its header; the base completions stay the plain prompts' greedy ones
+    data = default_eval_data(cfg.model, device=device, dtype=cfg.dtype).with_prompts(
+        lambda p, mid: builder.header(p, mid) + p, lambda p: builder.header(p, None) + p)
     scorer = gumbel_sampler(model, cfg.temperature, cfg.seed) if cfg.temperature > 0 else model
-    metrics, preds = evaluate(scorer, tokenizer, eval_m, eval_l, base_loc)
+    metrics, preds = data.validation.evaluate(scorer, tokenizer)
+    metrics.update(data.test_metrics(scorer, tokenizer))
     header_lines = [builder.header(c.prompt, m.id).count("\n") for m in migrations for c in m.probe_contexts]
     metrics.update(trainable_params=0, trial_seconds=time.time() - t0, final=True, trial_status=STATUS_COMPLETED,
                    epoch=1, header_lines=sum(header_lines) / max(1, len(header_lines)), n_rules=len(rules))

@@ -2,7 +2,8 @@
 
 No machine here can download weights, so the project grows its own "model organism": a
 byte-level BPE tokenizer and an 8-layer Llama trained from scratch on the deprecated form of
-every migration context (train and probe) plus the locality snippets. The result writes
+every migration context (train and probe) plus the locality and over-application snippets
+(never the test contexts: data/test_contexts.jsonl stays unseen). The result writes
 ``df.append(row)`` and completes unrelated code the way it was shown; the update methods must
 move it to the new APIs without disturbing the rest.
 
@@ -58,6 +59,12 @@ class TestbedConfig:
     # each idiom as a pattern rather than one string per context.
     renamed_copies: int = 1
     locality_copies: int = 1  # locality snippets are memorised verbatim
+    # The over-application lookalikes (data/specificity.jsonl: `rows.append(x)` on a list,
+    # `d.items()`, `float(x)`) are pretrained like the locality snippets: a real code LM knows
+    # list.append as well as it knows DataFrame.append, and an update must leave that knowledge
+    # alone. Unseen, the testbed's completions of them were guesses any update could move, and
+    # specificity would measure the guesses' fragility, not over-application. 0 leaves them out.
+    specificity_copies: int = 1
     # Real code LMs have seen some new-API code, in many codebases, and still default to the old
     # form. The testbed gets the same latent knowledge: renamed copies of the contexts written
     # with the new API, only ever behind a `# requires: lib>=version` header that evaluation
@@ -95,7 +102,8 @@ class TestbedConfig:
         fields = dataclasses.asdict(self)
         # Fields added later are left out at the value that builds the corpus they did not
         # change, so caches built before them (the tests' small world among them) stay valid.
-        for name, default in (("edit_statements", 0), ("tagged_new_probes", False), ("whole_identifiers", False)):
+        for name, default in (("edit_statements", 0), ("tagged_new_probes", False), ("whole_identifiers", False),
+                              ("specificity_copies", 0)):
             if fields[name] == default:
                 del fields[name]
         blob = json.dumps([BUILD_VERSION, fields, data_digest], sort_keys=True)
@@ -400,7 +408,9 @@ def ensure_testbed(
     cfg = cfg or default_config()
     mpath = Path(migrations_path or data.migrations_path())
     lpath = Path(locality_path or data.locality_path())
-    digest = data.file_digest(mpath, lpath)
+    spath = data.specificity_path() if migrations_path is None else Path(migrations_path).with_name("specificity.jsonl")
+    with_spec = cfg.specificity_copies > 0 and spath.is_file()
+    digest = data.file_digest(mpath, lpath, *([spath] if with_spec else []))
     if cfg.edit_statements:  # the statements come from templates + edit_facts.json as well
         from trainables.editing.requests import statements
 
@@ -416,6 +426,10 @@ def ensure_testbed(
         if (out / "config.json").is_file():
             return out
         migrations, locality = data.load_migrations(mpath), data.load_locality(lpath)
+        if with_spec:  # learnt as the locality snippets are (verbatim, locality_copies times)
+            spec = data.load_specificity(spath, migrations, locality)
+            locality = locality + [data.LocalitySnippet(s.id, s.prompt, s.completion)
+                                   for s in spec] * cfg.specificity_copies
         log(f"building the testbed model into {out} (first run only)")
         t0 = time.time()
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))

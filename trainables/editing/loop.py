@@ -321,7 +321,7 @@ def edit_loop(cfg: _EditBase, reporter: Reporter, *, eval_data=None, weights_out
     from trainables.editing import compat as editing_compat
     from trainables.data import load_locality, load_migrations
     from trainables.editing.requests import requests_for
-    from trainables.evaluation import base_locality, evaluate
+    from trainables.evaluation import default_eval_data
     from trainables.objective import objective
     from trainables.models import load_model, num_layers
 
@@ -336,10 +336,8 @@ def edit_loop(cfg: _EditBase, reporter: Reporter, *, eval_data=None, weights_out
     migrations = load_migrations(cfg.dataset) if cfg.dataset else load_migrations()
     requests = requests_for(migrations)
     if eval_data is None:
-        locality = load_locality()
-        eval_data = (migrations, locality, base_locality(path, locality, device=device, dtype=cfg.dtype))
-    ev_migrations, locality, base_loc = eval_data
-    corpus = local_corpus(migrations, locality)
+        eval_data = default_eval_data(path, device=device, dtype=cfg.dtype)
+    corpus = local_corpus(migrations, load_locality())
     hp_dict = easyedit_hparams(cfg, model.config, path)
     weights = _rewrite_weights(model, cfg)
     original = {k: v.detach().clone() for k, v in weights.items()}
@@ -380,10 +378,13 @@ def edit_loop(cfg: _EditBase, reporter: Reporter, *, eval_data=None, weights_out
                 reporter.report(metrics, None)
                 return metrics
             edited = sum(len(c) for c in chunks[: phase + 1])
-            metrics, preds = evaluate(model, tokenizer, ev_migrations, locality, base_loc, quick=not final)
+            metrics, preds = eval_data.validation.evaluate(model, tokenizer, quick=not final)
+            if final:
+                metrics.update(eval_data.test_metrics(model, tokenizer))
             metrics.update(edit_scores(model, tokenizer, requests, edited))
             metrics["objective"] = objective({"generalization": metrics["edit_generalization"],
-                                              "locality": metrics["locality"]})
+                                              "locality": metrics["locality"],
+                                              "specificity": metrics.get("specificity")})
             metrics["progress"] = metrics["objective"]  # ASHA ranks edits by their own objective
             metrics.update(common, epoch=phase + 1, edited=edited, delta_norm=delta, edit_seconds=edit_seconds,
                            trial_seconds=time.time() - t_start, final=final,

@@ -346,7 +346,7 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
                eval_epochs: list[int] | None = None, frozen_cache: str | None = None) -> dict:
     """Train, evaluate and report (with a checkpoint) each epoch; returns the final metrics.
 
-    ``eval_data``: (migrations, locality, base_locality) to score with; loaded from data/ when None.
+    ``eval_data``: the ``evaluation.EvalData`` to score with; data/'s splits when None.
     ``eval_epochs``: the epochs (1-based) to evaluate and report after besides the last, None =
     every epoch. The sweep engine passes ASHA's rungs: a report elsewhere decides nothing and its
     evaluation cost as much as a third of a testbed epoch. A resumed trial restarts from the
@@ -357,7 +357,7 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
     import torch
     from transformers import get_scheduler
 
-    from trainables.evaluation import default_eval_data, evaluate
+    from trainables.evaluation import default_eval_data
     from trainables.models import load_model, num_layers
 
     set_threads(cfg.threads)
@@ -400,16 +400,19 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
 
     if eval_data is None:
         eval_data = default_eval_data(cfg.model, device, cfg.dtype)
-    migrations, locality, base_loc = eval_data
 
     from trainables.lora.frozen import FrozenStates
     from trainables.models import resolve
 
     frozen = FrozenStates.make(model, layer_start, bool(cfg.kl_weight), frozen_cache, resolve(cfg.model), examples)
 
-    def run_eval(quick: bool) -> tuple[dict, list]:
+    def run_eval(final: bool) -> tuple[dict, list]:
+        """The validation split (what the search reads); at the final report the test split too."""
         start_states = None if frozen is None else (lambda seqs: frozen.sequence_states(seqs, tokenizer.pad_token_id))
-        return evaluate(model, tokenizer, migrations, locality, base_loc, quick=quick, start_states=start_states)
+        metrics, preds = eval_data.validation.evaluate(model, tokenizer, quick=not final, start_states=start_states)
+        if final:
+            metrics.update(eval_data.test_metrics(model, tokenizer, start_states))
+        return metrics, preds
 
     base_pass = BasePass(model, layer_start) if cfg.kl_weight and frozen is None else None
     anchor_pool = []
@@ -481,7 +484,7 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
             if not final and eval_epochs is not None and epoch + 1 not in eval_epochs:
                 continue
             # DDP: rank 0 evaluates (Ray Train reports rank 0's metrics); the others wait at the report
-            metrics, preds = run_eval(quick=not final) if reporter.is_chief else ({}, [])
+            metrics, preds = run_eval(final) if reporter.is_chief else ({}, [])
             metrics.update(common, train_loss=last_loss, epoch=epoch + 1, step=step, lr_now=sched.get_last_lr()[0],
                            trial_seconds=time.time() - t_start, final=final,
                            train_tokens_per_s=train_tokens / max(train_seconds, 1e-9),

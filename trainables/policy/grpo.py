@@ -152,13 +152,11 @@ def train_loop(cfg: GrpoTrainConfig, reporter, *, eval_data=None, adapter_out: s
         """SFT epochs, then the quick evaluation: what the RL phase starts from (``warmup_*``)."""
         if cfg.sft_epochs <= 0:
             return {}
-        from trainables.evaluation import evaluate
         from trainables.lora.loop import supervised_warmup
 
         losses = supervised_warmup(model, tokenizer, cfg.dataset, cfg.sft_epochs, cfg.sft_lr, seed=cfg.seed,
                                    max_grad_norm=cfg.max_grad_norm or 1.0)
-        migrations, locality, base_loc = eval_data
-        m, _ = evaluate(model, tokenizer, migrations, locality, base_loc, quick=True)
+        m, _ = eval_data.validation.evaluate(model, tokenizer, quick=True)
         print(f"SFT warm start: {cfg.sft_epochs} epoch(s), loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
               f"efficacy {m['efficacy']:.3f} generalization {m['generalization']:.3f} locality {m['locality']:.3f}",
               flush=True)

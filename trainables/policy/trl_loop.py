@@ -84,10 +84,6 @@ def make_bridge(cfg, reporter: Reporter, model, tokenizer, eval_data, common: di
     """A TrainerCallback: guard each logged step, evaluate + report at each epoch checkpoint."""
     from transformers import TrainerCallback
 
-    from trainables.evaluation import evaluate
-
-    migrations, locality, base_loc = eval_data
-
     class Bridge(TrainerCallback):
         def __init__(self) -> None:
             self.epoch_logs: list[dict] = []
@@ -105,7 +101,9 @@ def make_bridge(cfg, reporter: Reporter, model, tokenizer, eval_data, common: di
         def on_save(self, args, state, control, **kwargs):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             final = state.global_step >= state.max_steps
-            metrics, preds = evaluate(model, tokenizer, migrations, locality, base_loc, quick=not final)
+            metrics, preds = eval_data.validation.evaluate(model, tokenizer, quick=not final)
+            if final:
+                metrics.update(eval_data.test_metrics(model, tokenizer))
             means = {k.replace("/", "_"): _mean([r.get(k) for r in self.epoch_logs]) for k in ("loss", *log_keys)}
             # every logged step of this epoch (loss, grad norm, each reward component): the
             # driver's MLflow tracker logs them at their global step (sweeps/tracking.py)

@@ -11,14 +11,18 @@ from trainables.sweep.methods import Method
 # efficacy is ~0 by design (a fact edit does not rewrite code lines), and a summary led by it
 # would hide what the sweep optimised.
 SHOW = ["objective", "edit_efficacy", "edit_generalization", "edit_neighborhood", "efficacy", "generalization",
-        "locality", "old_api_rate", "locality_accuracy", "trainable_params", "trial_seconds"]
+        "locality", "specificity", "old_api_rate", "locality_accuracy", "trainable_params", "trial_seconds"]
+# The chosen trial's figures on the test split (trainables.evaluation.EvalData): reported beside
+# the validation figures above, never read by the search or the choice.
+TEST_SHOW = ["test_generalization", "test_old_api_rate", "test_locality", "test_specificity", "test_over_application",
+             "test_objective"]
 
 
 def _row(r) -> dict:
     m = r.metrics or {}
     return {"trial_id": m.get("trial_id"), "status": trial_status(m, r.error is not None),
             "config": {k: v for k, v in (r.config or {}).items() if not k.startswith("_")},
-            **{k: m.get(k) for k in SHOW}}
+            **{k: m.get(k) for k in SHOW + TEST_SHOW}}
 
 
 def pareto(rows: list[dict], keys=("efficacy", "locality")) -> list[dict]:
@@ -93,7 +97,11 @@ def print_summary(method: Method, name: str, summary: dict, seconds: float) -> N
     if not best:
         print("no trial completed")
         return
-    print(f"best trial {best['trial_id']}: " + "  ".join(f"{k} {_fmt(best[k])}" for k in SHOW if best.get(k) is not None))
+    print(f"best trial {best['trial_id']} (validation): "
+          + "  ".join(f"{k} {_fmt(best[k])}" for k in SHOW if best.get(k) is not None))
+    test = [k for k in TEST_SHOW if best.get(k) is not None]
+    if test:
+        print("  its test split: " + "  ".join(f"{k[5:]} {_fmt(best[k])}" for k in test))
     print("best config:")
     for k, v in best["config"].items():
         print(f"  {k}: {v}")

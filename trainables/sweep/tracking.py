@@ -266,7 +266,7 @@ def finish_parent(client, parent_id: str, experiment_dir: Path, summary: dict, m
 
     import yaml
 
-    from trainables.sweep.report import SHOW, plots
+    from trainables.sweep.report import SHOW, TEST_SHOW, plots
 
     best = summary["best"]
     for k, v in summary["counts"].items():
@@ -276,13 +276,14 @@ def finish_parent(client, parent_id: str, experiment_dir: Path, summary: dict, m
         for p in plots(experiment_dir, tmp):
             client.log_artifact(parent_id, str(p), "plots")
         if best:
-            for k in ("objective", "efficacy", "generalization", "locality", "trainable_params"):
+            for k in ("objective", "efficacy", "generalization", "locality", "specificity", "trainable_params",
+                      *TEST_SHOW):
                 if best.get(k) is not None:
                     client.log_metric(parent_id, f"best_{k}", float(best[k]))
             client.set_tag(parent_id, "best_trial_id", best["trial_id"])
             (tmp / "best_config.yaml").write_text(yaml.safe_dump(
                 {"method": method, "config": best["config"],
-                 "metrics": {k: best[k] for k in SHOW if best.get(k) is not None and k != "trial_seconds"}},
+                 "metrics": {k: best[k] for k in SHOW + TEST_SHOW if best.get(k) is not None and k != "trial_seconds"}},
                 sort_keys=False))
             client.log_artifact(parent_id, str(tmp / "best_config.yaml"))
         (tmp / "trials.json").write_text(json.dumps(summary["rows"], default=str, indent=1))
