@@ -78,6 +78,22 @@ def test_smoke_sweep_mlflow_layout_and_export_round_trip(tmp_path, small_testbed
         assert again[m] == pytest.approx(doc["metrics"][m], abs=0.02), m
     runs = mlflow_runs(home, "hier_lora")
     assert any(r["name"].startswith("rerun/") and r["tags"].get("rerun_of_sweep") == "smoke" for r in runs)
+    # the test split stands beside the validation figures, on the trials and the parent
+    assert all("test_generalization" in k["metrics"] and "specificity" in k["metrics"]
+               for k in kids if k["tags"]["trial_status"] == "completed")
+    assert "best_test_generalization" in parent["metrics"]
+
+    # --warm-start: the earlier sweep's finished trials join the new study before it asks
+    warm = sweep("hier_lora", "--smoke-test", "--name", "warm", "--warm-start", "smoke", "--mlruns", str(home))
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    assert "warm start: 2 finished trials of sweep 'smoke'" in warm.stdout
+    from ray.tune.search.optuna import OptunaSearch
+
+    restored = OptunaSearch()
+    restored.restore_from_dir(str(home / "ray_results" / "warm"))
+    study = restored._ot_study
+    assert len(study.trials) == 4
+    assert [t.user_attrs.get("warm_start_from") for t in study.trials[:2]] == ["smoke", "smoke"]
 
 
 @pytest.mark.slow
@@ -141,6 +157,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         (["--model", "./no/such/model"], "no such file"),
         (["--dataset", str(tmp_path / "missing.jsonl")], "no such file"),
         (["--config", str(tmp_path / "missing.yaml")], "no such file"),
+        (["--warm-start", "nope"], "--warm-start nope: no sweep of that name"),
     ]
     for args, message in cases:
         out = sweep("hier_lora", *args, "--mlruns", str(home), timeout=120)
@@ -294,3 +311,29 @@ def test_a_diverging_ddp_trial_stops_on_every_rank_together(tmp_path, small_test
     assert (out.stdout + out.stderr).count("diverged:") >= 2  # both ranks said so
     kids = [r for r in mlflow_runs(home, "lora") if r["tags"].get("sweep") == "ddp-diverge"]
     assert len(kids) == 1 and kids[0]["tags"]["trial_status"] == "diverged", kids
+
+
+@pytest.mark.slow
+def test_the_same_seed_twice_gives_the_same_trials_and_the_same_choice(tmp_path, small_testbed):
+    """Lockstep search: two sweeps with one seed, 2 trials at a time, run the same configs in
+    the same order with the same results and choose the same trial, whichever trial of a pair
+    happened to finish first."""
+    home = tmp_path / "mlruns"
+    for name in ("first", "second"):
+        out = sweep("hier_lora", "--num-samples", "8", "--max-epochs", "2", "--seed", "5", "--name", name,
+                    "--mlruns", str(home))
+        assert out.returncode == 0, out.stderr[-3000:]
+    from ray.tune.search.optuna import OptunaSearch
+
+    def history(name):
+        s = OptunaSearch()
+        s.restore_from_dir(str(home / "ray_results" / name))
+        return [(t.params, t.state.name, t.values) for t in s._ot_study.trials]
+
+    assert history("first") == history("second")
+    runs = mlflow_runs(home, "hier_lora")
+    parents = {r["name"]: r for r in runs if r["tags"].get("kind") == "sweep"}
+    best = {n: [k for k in runs if k["tags"].get("mlflow.parentRunId") == parents[n]["id"]
+                and k["tags"].get("trial_id") == parents[n]["tags"]["best_trial_id"]][0] for n in ("first", "second")}
+    for key in ("objective", "generalization", "locality", "test_generalization"):
+        assert best["first"]["metrics"][key] == best["second"]["metrics"][key], key

@@ -78,6 +78,13 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
                    help="lora / hier_lora: also stop, at ASHA's first rung, trials whose soft generalization has "
                         "not moved by 0.001 from the untrained model's (sweeps/schedulers.py; default: on)")
     p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler and of every trial")
+    p.add_argument("--asynchronous", action="store_true",
+                   help="start a trial as soon as a slot frees and let ASHA compare with every trial so far "
+                        "(Ray's own behaviour): no idle slots, but which trials run then depends on timing. "
+                        "Default: lockstep, the same seed gives the same trials in the same order")
+    p.add_argument("--warm-start", metavar="NAME",
+                   help="start the search from the finished trials of the earlier sweep NAME of this method "
+                        "(same --model and --max-epochs): TPE models them from the first suggestion")
     if method.sandboxed:
         p.add_argument("--allow-weak-sandbox", action="store_true",
                        help="run the rewards' generated code even where the sandbox cannot bound its number of "
@@ -93,8 +100,6 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
                         "the LoRA trials, under <storage>/NAME/frozen-states); past it trials keep their states "
                         "in memory; 0 writes none")
     return p
-
-
 
 
 def main(method_name: str, argv: list[str] | None = None) -> int:

@@ -96,6 +96,10 @@ def check_inputs(method: Method, args) -> Setup:
         raise UsageError(f"a sweep named {name!r} already exists in {storage}: use --resume or another --name")
     if args.gpus_per_trial is not None and args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial):
         raise UsageError("--gpus-per-trial above 1 must be a whole number")
+    if args.warm_start and not (storage / args.warm_start).is_dir():
+        raise UsageError(f"--warm-start {args.warm_start}: no sweep of that name in {storage}")
+    if args.warm_start and args.warm_start == name:
+        raise UsageError("--warm-start names this sweep itself: pass an earlier sweep's --name")
     allow_weak = bool(getattr(args, "allow_weak_sandbox", False))
     setup = Setup(home, storage, name, model, n_layers, dataset, rerun_config, provenance, allow_weak,
                   check_sandbox(method, allow_weak))
@@ -307,7 +311,7 @@ def run(method: Method, args) -> int:
         "num_samples": args.num_samples, "model": setup.model, "dataset": args.dataset or "data/",
         "skip_bad": args.skip_bad, "seed": args.seed, "cpus_per_trial": slots.cpus, "gpus_per_trial": slots.gpus,
         "workers_per_trial": slots.workers, "max_epochs": args.max_epochs, "multi_objective": args.multi_objective,
-        "smoke_test": args.smoke_test})
+        "smoke_test": args.smoke_test, "lockstep": not args.asynchronous, "warm_start": args.warm_start or ""})
     tracker = tracking.MlflowTracker(tracking_uri, artifact_root, method.name, setup.name, parent_id,
                                      extra_tags=setup.sandbox_tags)
 
@@ -327,11 +331,18 @@ def run(method: Method, args) -> int:
             from trainables.objective import STALL_DELTA
 
             floor = base_progress + STALL_DELTA
-        scheduler = make_scheduler(floor, max_epochs, mode)
+        scheduler = make_scheduler(floor, max_epochs, mode, lag=None if args.asynchronous else slots.concurrent)
         fixed["_eval_epochs"] = asha_rungs(max_epochs)
-    from trainables.sweep.searcher import make_searcher
+    from trainables.sweep.searcher import make_searcher, warm_start_points
 
-    searcher = make_searcher(method, setup.n_layers, max_epochs, metric, mode, args.seed, slots.concurrent)
+    warm = []
+    if args.warm_start and not args.resume:  # a resumed study already holds them
+        warm, skipped = warm_start_points(setup.storage / args.warm_start, method, setup.model, setup.n_layers,
+                                          max_epochs, args.multi_objective)
+        print(f"warm start: {len(warm)} finished trials of sweep {args.warm_start!r}"
+              + (f" ({skipped} left out: sampled on another search space)" if skipped else ""), flush=True)
+    searcher = make_searcher(method, setup.n_layers, max_epochs, metric, mode, args.seed, slots.concurrent,
+                             lockstep_total=None if args.asynchronous else num_samples, warm_start=warm)
     run_config = tune.RunConfig(
         name=setup.name, storage_path=str(setup.storage), callbacks=[tracker],
         failure_config=tune.FailureConfig(max_failures=args.max_failures),

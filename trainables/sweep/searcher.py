@@ -2,14 +2,83 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 from trainables.sweep.methods import Method
 
 
+def space_distributions(method: Method, n_layers: int, max_epochs: int, draws: int = 64) -> dict:
+    """Every parameter the space can sample, with its Optuna distribution: the union over
+    ``draws`` random asks of a throwaway study (a conditional parameter such as max_grad_norm
+    appears on one branch only)."""
+    import optuna
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    out: dict = {}
+    for _ in range(draws):
+        t = study.ask()
+        method.space(t, n_layers=n_layers, max_epochs=max_epochs)
+        out.update(t.distributions)
+        study.tell(t, state=optuna.trial.TrialState.FAIL)
+    return out
+
+
+def warm_start_points(experiment: Path, method: Method, model: str, n_layers: int, max_epochs: int,
+                      multi_objective: bool) -> tuple[list, int]:
+    """The finished (complete or pruned) trials of the earlier sweep in ``experiment``, as new
+    frozen Optuna trials for this sweep's study, and how many were left out: those whose
+    parameters this search space would not sample the same way (another method, layer count or
+    --max-epochs). Values, pruned intermediate values and the locality / specificity
+    constraints carry over, so TPE weighs them exactly as the earlier study did."""
+    import json
+
+    import optuna
+    from optuna.trial import TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    from trainables.sweep.checks import UsageError
+
+    label = f"--warm-start {experiment.name}"
+    if not experiment.is_dir():
+        raise UsageError(f"{label}: no sweep of that name in {experiment.parent}")
+    configs = sorted(experiment.glob("trial_*/params.json"))
+    models = {json.loads(p.read_text()).get("model") for p in configs[:5]}
+    if models and model not in models:
+        raise UsageError(f"{label}: that sweep ran on --model {', '.join(map(str, sorted(models, key=str)))}, "
+                         f"this one on {model}")
+    old = OptunaSearch()
+    try:
+        old.restore_from_dir(str(experiment))
+    except Exception as e:  # noqa: BLE001 - any unreadable state is the same one-line error
+        raise UsageError(f"{label}: no searcher state in {experiment} ({type(e).__name__})") from None
+    study = old._ot_study
+    if len(study.directions) != (2 if multi_objective else 1):
+        raise UsageError(f"{label}: that sweep was {'single' if len(study.directions) == 1 else 'multi'}-objective")
+    dists = space_distributions(method, n_layers, max_epochs)
+    out, skipped = [], 0
+    for t in study.trials:
+        if t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+            continue
+        if any(dists.get(n) != d for n, d in t.distributions.items()):
+            skipped += 1
+            continue
+        out.append(optuna.trial.create_trial(
+            state=t.state, params=t.params, distributions=t.distributions,
+            values=t.values if t.state == TrialState.COMPLETE else None,
+            intermediate_values=t.intermediate_values, system_attrs=t.system_attrs,
+            user_attrs={**t.user_attrs, "warm_start_from": experiment.name, "warm_start_number": t.number}))
+    return out, skipped
+
+
 def make_searcher(method: Method, n_layers: int, max_epochs: int, metric, mode, seed: int,
-                  max_concurrent: int | None = None):
+                  max_concurrent: int | None = None, lockstep_total: int | None = None, warm_start=()):
     """Seeded TPE in Ray's OptunaSearch, told about pruned, adopted and resumed trials; wrapped
-    in a concurrency limiter when ``max_concurrent`` is given (pass it here, not to TuneConfig)."""
+    in a concurrency limiter when ``max_concurrent`` is given (pass it here, not to TuneConfig).
+
+    ``lockstep_total``: the sweep's number of trials, for a reproducible search
+    (:class:`LockstepLimiter`; needs ``max_concurrent``). ``warm_start``: finished Optuna trials
+    of an earlier sweep (:func:`warm_start_points`), added to the study before the first
+    suggestion."""
     import optuna
     from optuna.trial import TrialState
     from ray.tune.search import ConcurrencyLimiter
@@ -50,10 +119,12 @@ def make_searcher(method: Method, n_layers: int, max_epochs: int, metric, mode, 
 
         @staticmethod
         def _constrain(trial, result):
-            """The locality floor as an Optuna constraint on ``trial`` (a live or a frozen trial;
-            feasible when <= 0), when the search is constrained and the result has a locality."""
-            if constrained and result and result.get("locality") is not None:
-                trial.set_constraint("locality", LOCALITY_FLOOR - float(result["locality"]))
+            """The floor on locality and on specificity as Optuna constraints on ``trial`` (a
+            live or a frozen trial; feasible when <= 0), when the search is constrained, for
+            each figure the result has (validation split: the test split is never told)."""
+            for key in ("locality", "specificity"):
+                if constrained and result and result.get(key) is not None:
+                    trial.set_constraint(key, LOCALITY_FLOOR - float(result[key]))
             return trial
 
         def _retell(self, trial_id, result) -> None:
@@ -103,6 +174,10 @@ def make_searcher(method: Method, n_layers: int, max_epochs: int, metric, mode, 
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=8)
     space = partial(method.space, n_layers=n_layers, max_epochs=max_epochs)
     searcher = PrunedAwareOptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler, seed=seed)
+    # As finished trials of this study (never run again): TPE counts them among its startup
+    # trials and models them from the first suggestion. Ray's evaluated_rewards would do the
+    # same for a dict space only, not for this define-by-run one.
+    searcher._ot_study.add_trials(list(warm_start))
 
     class ForwardingLimiter(ConcurrencyLimiter):
         """Ray's ConcurrencyLimiter (what max_concurrent_trials adds) drops the completion of any
@@ -114,4 +189,56 @@ def make_searcher(method: Method, n_layers: int, max_epochs: int, metric, mode, 
                 return super().on_trial_complete(trial_id, result=result, error=error)
             self.searcher.on_trial_complete(trial_id, result=result, error=error)
 
+    class LockstepLimiter(ForwardingLimiter):
+        """Suggestions that do not depend on timing: the k-th suggestion waits until trials
+        0 .. k-W (W = ``max_concurrent``, in suggestion order) have finished, and the study is
+        told exactly those, in that order, before it is asked. TPE (seeded) then sees the same
+        history at every ask whichever trial happened to finish first, and the same seed gives
+        the same trials in the same order. :class:`trainables.sweep.scheduler.LockstepASHA`
+        makes the early-stopping decisions the same way.
+
+        A finished trial is held until the next suggestion needs it told (and all are told
+        once the sweep's ``total`` trials have been suggested). A slot idles while trial k-W
+        runs on (``--asynchronous`` gives that time back, for timing-dependent trials). After a
+        ``--resume`` the limiter starts afresh (Tune restores the searcher, not this
+        bookkeeping): trials from before the crash are told as they finish, never waited for,
+        and the resumed sweep is not bit-reproducible."""
+
+        def __init__(self, searcher, max_concurrent: int, total: int):
+            super().__init__(searcher, max_concurrent=max_concurrent)
+            self.order: list[str] = []  # trial ids in suggestion order
+            self.held: dict = {}  # finished, not yet told: trial id -> (result, error)
+            self.told = 0  # order[:told] have been told
+            self.total = total
+
+        def _tell(self, upto: int) -> None:
+            while self.told < min(upto, len(self.order)) and self.order[self.told] in self.held:
+                tid = self.order[self.told]
+                result, error = self.held.pop(tid)
+                super().on_trial_complete(tid, result=result, error=error)
+                self.told += 1
+
+        def _needed(self) -> int:
+            """How many trials the next suggestion needs told: 0 .. k-W."""
+            if len(self.order) >= self.total:
+                return len(self.order)
+            return len(self.order) - self.max_concurrent + 1
+
+        def suggest(self, trial_id):
+            self._tell(self._needed())
+            if self.told < self._needed():
+                return None  # Tune asks again after the next result
+            suggestion = super().suggest(trial_id)
+            if isinstance(suggestion, dict):
+                self.order.append(trial_id)
+            return suggestion
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            if trial_id not in self.order[self.told:]:  # adopted, resumed or already told
+                return super().on_trial_complete(trial_id, result=result, error=error)
+            self.held[trial_id] = (result, error)
+            self._tell(self._needed())
+
+    if max_concurrent and lockstep_total:
+        return LockstepLimiter(searcher, max_concurrent, lockstep_total)
     return ForwardingLimiter(searcher, max_concurrent=max_concurrent) if max_concurrent else searcher
