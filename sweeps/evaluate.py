@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     with_base = bool(args.adapter)
     if args.migrations or args.locality:  # the files given, as one set, no over-application lookalikes
         base = tuple(base_locality(args.model, locality)) if with_base else None
-        sets = EvalData(EvalSet("given", tuple(migrations), tuple(locality), base), None)
+        sets = EvalData(EvalSet(tuple(migrations), tuple(locality), base), None)
     else:
         sets = default_eval_data(args.model, with_base=with_base)
     model, tokenizer = load_model(args.model)

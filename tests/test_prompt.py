@@ -44,7 +44,7 @@ def test_strategies_put_comment_headers_before_the_unchanged_prompt(fixture_data
     from trainables.evaluation import EvalSet
 
     b = PromptBuilder(rules, "context", "update", 3)
-    headed = EvalSet("validation", tuple(migrations), tuple(locality), None).with_prompts(
+    headed = EvalSet(tuple(migrations), tuple(locality), None).with_prompts(
         lambda p, mid: b.header(p, mid) + p, lambda p: b.header(p, None) + p)
     new_m, new_l = headed.migrations, headed.locality
     assert new_m[0].probe_contexts[0].prompt == heads["context"] + ctx.prompt

@@ -496,7 +496,6 @@ class EvalSet:
     ``generalization`` means the same on both; ``specificity`` holds the over-application
     lookalikes."""
 
-    name: str
     migrations: tuple
     locality: tuple
     base_locality: tuple | None
@@ -618,15 +617,15 @@ def default_eval_data(model_name: str, device: str = "cpu", dtype: str = "fp32",
         if spec:
             base.update(zip((s.id for s in spec), base_locality(model_name, spec, device=device, dtype=dtype)))
 
-    def part(name, ms, loc, sp) -> EvalSet:
-        return EvalSet(name, tuple(ms), tuple(loc), tuple(base[s.id] for s in loc) if with_base else None, tuple(sp),
+    def part(ms, loc, sp) -> EvalSet:
+        return EvalSet(tuple(ms), tuple(loc), tuple(base[s.id] for s in loc) if with_base else None, tuple(sp),
                        tuple(base[s.id] for s in sp) if with_base else None)
 
     if not tests:
-        return EvalData(part("validation", migrations, locality, spec), None)
+        return EvalData(part(migrations, locality, spec), None)
     (loc_val, loc_test), (spec_val, spec_test) = split(locality), split(spec, group=lambda s: s.migration)
-    return EvalData(part("validation", migrations, loc_val, spec_val),
-                    part("test", [replace(m, probe_contexts=tests[m.id]) for m in migrations], loc_test, spec_test))
+    return EvalData(part(migrations, loc_val, spec_val),
+                    part([replace(m, probe_contexts=tests[m.id]) for m in migrations], loc_test, spec_test))
 
 
 def _precision_key(device: str, dtype: str) -> list:
@@ -676,14 +675,15 @@ def _set_key(es: EvalSet) -> list:
              for m in es.migrations], [(s.prompt, s.completion) for s in es.locality + es.specificity]]
 
 
-def base_progress(model_name: str, device: str = "cpu", dtype: str = "fp32") -> float:
+def base_progress(model_name: str, device: str = "cpu", dtype: str = "fp32", validation: EvalSet | None = None) -> float:
     """``progress`` of the untrained model on a quick evaluation of the validation split (the
     reference a trial must beat at the first rung: ``trainables.sweep.scheduler.StallASHA``),
-    cached on disk per model + data."""
+    cached on disk per model + data. ``validation``: that split, when the caller has it."""
     from trainables.models import load_model, resolve
 
     resolved = resolve(model_name)
-    validation = default_eval_data(model_name, device=device, dtype=dtype).validation
+    if validation is None:
+        validation = default_eval_data(model_name, device=device, dtype=dtype).validation
 
     def compute():
         model, tokenizer = load_model(resolved, device=device, dtype=dtype)
@@ -703,5 +703,5 @@ def references(model_name: str, device: str, dtype: str, progress_too: bool) -> 
 
         if not torch.cuda.is_available():  # a GPU Ray counts but torch cannot use: as the trials do
             device = "cpu"
-    default_eval_data(model_name, device=device, dtype=dtype)  # the snippets' base completions
-    return base_progress(model_name, device=device, dtype=dtype) if progress_too else None
+    data = default_eval_data(model_name, device=device, dtype=dtype)  # the snippets' base completions
+    return base_progress(model_name, device=device, dtype=dtype, validation=data.validation) if progress_too else None

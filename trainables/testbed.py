@@ -426,7 +426,7 @@ def ensure_testbed(
         if (out / "config.json").is_file():
             return out
         migrations, locality = data.load_migrations(mpath), data.load_locality(lpath)
-        if with_spec:  # learnt as the locality snippets are (verbatim, locality_copies times)
+        if with_spec:  # learnt as the locality snippets are: verbatim, specificity_copies x locality_copies an epoch
             spec = data.load_specificity(spath, migrations, locality)
             locality = locality + [data.LocalitySnippet(s.id, s.prompt, s.completion)
                                    for s in spec] * cfg.specificity_copies

@@ -38,9 +38,7 @@ def warm_start_points(experiment: Path, method: Method, model: str, n_layers: in
 
     from trainables.sweep.checks import UsageError
 
-    label = f"--warm-start {experiment.name}"
-    if not experiment.is_dir():
-        raise UsageError(f"{label}: no sweep of that name in {experiment.parent}")
+    label = f"--warm-start {experiment.name}"  # that the folder exists, check_inputs checked
     configs = sorted(experiment.glob("trial_*/params.json"))
     models = {json.loads(p.read_text()).get("model") for p in configs[:5]}
     if models and model not in models:
