@@ -22,7 +22,8 @@ sys.path[0] = str(pathlib.Path(__file__).resolve().parent.parent)  # the project
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COLUMNS = ("efficacy", "generalization", "locality", "specificity", "api_correct", "objective", "trainable_params",
-           "trial_seconds", "test_generalization", "test_locality", "test_specificity")
+           "standard_lora_params", "trial_seconds", "test_generalization", "test_locality", "test_specificity")
+INT_COLUMNS = ("trainable_params", "standard_lora_params")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +69,7 @@ def best_rows(client, methods, sweep_prefix=None, model=None) -> list[dict]:
                "run_id": best.info.run_id, "trials": len(runs)}
         for c in COLUMNS:
             v = m.get(c)
-            row[c] = None if v is None else (int(v) if c == "trainable_params" else round(v, 4))
+            row[c] = None if v is None else (int(v) if c in INT_COLUMNS else round(v, 4))
         row["config"] = {k: v for k, v in sorted(best.data.params.items())
                          if k not in ("model", "threads", "workers", "use_gpu", "seed", "dataset")}
         row["dataset"] = best.data.params.get("dataset", "data/")
@@ -95,12 +96,13 @@ def history(client, methods) -> str:
             if m != model:
                 continue
             out += [f"### {method}", "", "| sweep | completed | efficacy | generalization | locality | specificity | "
-                    "test gen. | test loc. | test spec. | params | trial s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                    "test gen. | test loc. | test spec. | params | vs LoRA | trial s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for sweep, runs in sorted(sweeps.items()):
                 best = max(runs, key=lambda r: rank(r.data.metrics, r.data.tags.get("trial_id"))).data.metrics
                 cells = [_fmt(best.get(k)) for k in ("efficacy", "generalization", "locality", "specificity",
                                                       "test_generalization", "test_locality", "test_specificity")]
                 out.append(f"| {sweep} | {len(runs)} | " + " | ".join(cells) + f" | {int(best.get('trainable_params', 0)):,} | "
+                           f"{vs_lora(best.get('trainable_params'), best.get('standard_lora_params'))} | "
                            f"{best.get('trial_seconds', 0):.0f} |")
             out.append("")
     return "\n".join(out)
@@ -110,18 +112,25 @@ def _fmt(v, fmt="{:.3f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def vs_lora(trainable, standard) -> str:
+    """Trainable parameters as a share of standard LoRA's at the same rank and projections
+    (``standard_lora_params``: methods that train adapters on a layer range); "-" elsewhere."""
+    return "-" if not trainable or not standard else f"{trainable / standard:.2f}"
+
+
 def markdown(rows: list[dict], ids: bool = True) -> str:
     """The rows as a Markdown table; ``ids``: with the column naming each row's sweep and trial
     (for finding it in MLflow; a document meant to outlive the store leaves it out)."""
     head = ["method", "efficacy", "generalization", "locality", "specificity", "test gen.", "test loc.", "test spec.",
-            "trainable params", "trial s", "objective"] + (["sweep / trial"] if ids else [])
+            "trainable params", "vs LoRA", "trial s", "objective"] + (["sweep / trial"] if ids else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     f = _fmt
     for r in rows:
         lines.append("| " + " | ".join([
             r["method"], f(r["efficacy"]), f(r["generalization"]), f(r["locality"]), f(r["specificity"]),
             f(r["test_generalization"]), f(r["test_locality"]), f(r["test_specificity"]),
-            f(r["trainable_params"], "{:,}"), f(r["trial_seconds"], "{:.0f}"), f(r["objective"])]
+            f(r["trainable_params"], "{:,}"), vs_lora(r["trainable_params"], r.get("standard_lora_params")),
+            f(r["trial_seconds"], "{:.0f}"), f(r["objective"])]
             + ([f"{r['sweep']} / {r['trial_id']}"] if ids else [])) + " |")
     return "\n".join(lines) + "\n"
 

@@ -202,6 +202,29 @@ def test_edit_config_doubles_the_steps_up_to_what_the_full_world_needs():
     assert edit_config(full) is full
 
 
+def test_edits_go_in_one_request_at_a_time_or_as_one_batch_with_at_most_ten_progress_lines(capsys):
+    from types import SimpleNamespace
+
+    from trainables.editing.loop import MemitConfig, RomeConfig, apply_edits
+
+    calls = []
+
+    def fake(model, tok, requests, hp):
+        print("step noise easyeditor would print")
+        calls.append(len(requests))
+
+    ee = SimpleNamespace(rome_main=SimpleNamespace(apply_rome_to_model=fake),
+                         memit_main=SimpleNamespace(apply_memit_to_model=fake))
+    for cfg, expected in ((RomeConfig(), [1] * 23), (MemitConfig(mode="sequential"), [1] * 23),
+                          (MemitConfig(mode="batch"), [23])):
+        calls.clear()
+        apply_edits(cfg, ee, None, None, None, [{}] * 23)
+        out = capsys.readouterr().out.splitlines()
+        assert calls == expected
+        assert "noise" not in " ".join(out) and 1 <= len(out) <= 10
+        assert out[-1].startswith("edited 23")
+
+
 def test_whole_identifiers_changes_only_where_words_end():
     """Only the editing testbed pre-tokenizes identifiers whole; the default still splits at "_"."""
     from trainables.testbed import train_tokenizer

@@ -66,6 +66,8 @@ def test_hier_lora_has_fewer_trainable_parameters(small_testbed):
     full = run_once(dict(epochs=1, batch_size=8, r=4, threads=1))
     half = run_once(dict(epochs=1, batch_size=8, r=4, threads=1, hierarchical=True, layer_start=2, layer_end=4))
     assert half["trainable_params"] * 2 == full["trainable_params"]
+    # what the summary compares with: standard LoRA at the same rank, counted from the half model
+    assert half["standard_lora_params"] == full["trainable_params"] == full["standard_lora_params"]
 
 
 def test_resume_continues_from_the_checkpoint_and_corrupt_ones_restart(small_testbed, tmp_path):

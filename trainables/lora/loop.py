@@ -306,6 +306,18 @@ def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def standard_lora_parameters(model, cfg) -> int:
+    """What standard LoRA (every layer, the same rank and projections) would train, for
+    ``model`` already wrapped by :func:`attach_lora` with ``cfg``'s layer range: the adapters
+    of the adapted layers, scaled to all of them. Exact for the supported families, whose
+    decoder layers all hold the same projections with the same shapes."""
+    from trainables.models import num_layers
+
+    n_layers = num_layers(model)
+    start, end = cfg.layer_range(n_layers)
+    return trainable_parameters(model) * n_layers // (end - start)
+
+
 def _save(path: Path, model, opt, sched, step: int, epoch: int, rng: random.Random, guard: DivergenceGuard) -> None:
     import torch
 
@@ -420,7 +432,8 @@ def train_loop(cfg: LoraTrainConfig, reporter: Reporter, *, eval_data=None, adap
         from trainables.lora.anchors import anchor_ids
 
         anchor_pool = anchor_ids(tokenizer, 128, cfg.seed)
-    common = {"trainable_params": n_trainable, "total_steps": total_steps, "started_at": t_start}
+    common = {"trainable_params": n_trainable, "standard_lora_params": standard_lora_parameters(model, cfg),
+              "total_steps": total_steps, "started_at": t_start}
     metrics: dict = {}
     last_loss = float("nan")
     train_tokens, train_seconds = 0, 0.0  # benchmarks/throughput.py reads train_tokens_per_s

@@ -139,7 +139,7 @@ def run_trainer(cfg, reporter: Reporter, build: Callable[[Any, Any, str], Any], 
     import torch
 
     from trainables.evaluation import default_eval_data
-    from trainables.lora.loop import attach_lora, trainable_parameters
+    from trainables.lora.loop import attach_lora, standard_lora_parameters, trainable_parameters
     from trainables.models import load_model, num_layers
 
     set_threads(cfg.threads)
@@ -152,7 +152,8 @@ def run_trainer(cfg, reporter: Reporter, build: Callable[[Any, Any, str], Any], 
     if eval_data is None:
         eval_data = default_eval_data(cfg.model, device, cfg.dtype)
     guard = DivergenceGuard()
-    common = {"trainable_params": trainable_parameters(model), "started_at": t_start}
+    common = {"trainable_params": trainable_parameters(model),
+              "standard_lora_params": standard_lora_parameters(model, cfg), "started_at": t_start}
     out_dir = tempfile.mkdtemp(prefix=f"{type(cfg).__name__.lower()}-")
     bridge = make_bridge(cfg, reporter, model, tokenizer, eval_data, common, t_start, guard, log_keys)
     resume = reporter.restore()
