@@ -135,3 +135,8 @@ def test_trl_reward_functions_name_every_component_and_pass_none_through(scored)
     assert out["api"] == [1.0, 0.0] and out["reward"][0] == 1.0
     assert out["execution"] == [rows["new"]["execution"], rows["old"]["execution"]]
     assert not any(isinstance(v, float) and math.isnan(v) for v in out["reward"])
+    # a real model's prompt carries the statement's head: the completion is the rest of the line
+    headed = {f.__name__: f(prompts=[PANDAS.prompt + "df ="] * 2, completions=[" pd.concat([df, row], ignore_index=True)\n",
+                                                                             " df.append(row, ignore_index=True)\n"],
+                            record_id=["p", "p"], head=["df =", "df ="]) for f in funcs}
+    assert headed == out

@@ -40,6 +40,10 @@ if TYPE_CHECKING:  # torch is imported lazily so that `--help` stays fast
 # Completions are the rest of one statement: the data's lines are <= 90 characters (~30 BPE
 # tokens on code); 64 leaves room for a call a real model continues over a second line.
 MAX_NEW_TOKENS = 64
+# In the key of every cached base-model reference: how prompts are tokenized and completions
+# begin (tokens.cut_at_line_start); references made before real-model prompts were cut there
+# are stale.
+PROMPT_FORMAT = "cut at the line start"
 @dataclass(frozen=True)
 class Prediction:
     kind: str  # "train" | "probe" | "locality"
@@ -126,6 +130,64 @@ def newline_ids(tokenizer) -> torch.Tensor:
     return cache
 
 
+def line_start_mask(tokenizer) -> torch.Tensor:
+    """Per vocabulary id: whether its text is a line break and nothing but whitespace (``"\n"``,
+    ``"\n   "``, ``"\n\n"``): what a completion cut at the line start (``tokens.cut_at_line_start``)
+    must begin with, so that the model writes a new line rather than going on with the last."""
+    import torch
+
+    cache = getattr(tokenizer, "_apiupdate_line_start", None)
+    if cache is None:
+        blank = blank_mask(tokenizer)
+        cache = torch.zeros_like(blank)
+        for i in newline_ids(tokenizer).tolist():
+            cache[i] = bool(blank[i]) and tokenizer.decode([i]).startswith("\n")
+        tokenizer._apiupdate_line_start = cache
+    return cache
+
+
+def blank_mask(tokenizer) -> torch.Tensor:
+    """Per vocabulary id: whether its text is whitespace only (special tokens are not)."""
+    import torch
+
+    cache = getattr(tokenizer, "_apiupdate_blank", None)
+    if cache is None:
+        vocab = tokenizer.get_vocab()
+        cache = torch.zeros(max(max(vocab.values()) + 1, len(tokenizer)), dtype=torch.bool)
+        special = set(tokenizer.all_special_ids)
+        for t, i in vocab.items():
+            if i not in special:
+                text = tokenizer.convert_tokens_to_string([t])
+                cache[i] = bool(text) and not text.strip()
+        tokenizer._apiupdate_blank = cache
+    return cache
+
+
+def _fit(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """A per-id mask cut or padded (with True) to a model's vocabulary size, which can exceed
+    the tokenizer's (Qwen2 pads its embedding to a multiple of 128)."""
+    import torch
+
+    if len(mask) >= size:
+        return mask[:size]
+    return torch.cat([mask, torch.ones(size - len(mask), dtype=torch.bool, device=mask.device)])
+
+
+def prompt_pieces(tokenizer, prompt: str, head: str = "") -> tuple[list[int], str, bool]:
+    """``(ids, lead, at_line_start)`` of one prompt as :func:`generate` and :func:`score_lines`
+    feed it: start ids + the prompt cut before its final line break on a real model
+    (``tokens.cut_at_line_start``) + ``lead + head`` when there is a head. Without a head the
+    completion must write the line break itself (``at_line_start``); its text then begins with
+    ``lead``, which :func:`tokens.skip_line_start` drops."""
+    from trainables.tokens import cut_at_line_start
+
+    body, lead = cut_at_line_start(tokenizer, prompt)
+    ids = start_ids(tokenizer) + encode(tokenizer, body)
+    if head:
+        return ids + encode(tokenizer, lead + head), "", False
+    return ids, lead, bool(lead)
+
+
 def encode(tokenizer, text: str) -> list[int]:
     """``text``'s token ids (no special tokens), memoised on the tokenizer: a trial evaluates
     the same ~700 prompts and lines at every rung, in both :func:`score_lines` and
@@ -156,10 +218,13 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW
     5.6-6.3 s -> 4.1-4.4 s, the same completions)."""
     import torch
 
+    from trainables.tokens import skip_line_start
+
     device = next(model.parameters()).device
-    bos = start_ids(tokenizer)
     heads = heads or [""] * len(prompts)
-    encoded = [bos + encode(tokenizer, p) + (encode(tokenizer, h) if h else []) for p, h in zip(prompts, heads)]
+    pieces = [prompt_pieces(tokenizer, p, h) for p, h in zip(prompts, heads)]
+    encoded = [ids for ids, _, _ in pieces]
+    at_start = [s for _, _, s in pieces]
     depth0 = [bracket_depth(h) for h in heads]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list[str] = [""] * len(prompts)
@@ -167,6 +232,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW
     newline = newline_ids(tokenizer).to(device)
     eos = torch.tensor([tokenizer.eos_token_id], device=device)
     brackets = _token_brackets(tokenizer).to(device)
+    blank = blank_mask(tokenizer).to(device)
+    not_line_start = ~line_start_mask(tokenizer).to(device)
     was_training = model.training
     model.eval()
     with torch.inference_mode():
@@ -182,24 +249,32 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             rows = torch.arange(len(idx), device=device)  # which row of `idx` each batch row is
             depth = torch.tensor([depth0[i] for i in idx], device=device)
+            # rows cut at the line start that have written only whitespace so far: their first
+            # token must be a line break, and a newline ends them only once the statement began
+            pending = torch.tensor([at_start[i] for i in idx], device=device)
             steps = []  # (rows, next tokens) per step
             cache = None  # transformers 5 names the KV cache `cache` (was past_key_values)
             step_ids, step_pos = ids, pos
-            for _ in range(max_new_tokens):
+            for step in range(max_new_tokens):
                 o = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
                           cache=cache, use_cache=True, logits_to_keep=1)
                 cache = o.cache
-                nxt = o.logits[:, -1, :].argmax(-1)
+                logits = o.logits[:, -1, :]
+                if step == 0 and bool(pending.any()):
+                    logits = logits.masked_fill(pending[:, None] & _fit(not_line_start, logits.shape[-1])[None],
+                                                float("-inf"))
+                nxt = logits.argmax(-1)
                 steps.append((rows, nxt))
                 depth = depth + brackets[nxt]
-                live = ~(torch.isin(nxt, eos) | (torch.isin(nxt, newline) & (depth <= 0)))
+                live = ~(torch.isin(nxt, eos) | (torch.isin(nxt, newline) & (depth <= 0) & ~pending))
+                pending = pending & blank[nxt]
                 if not bool(live.any()):
                     break
                 if not bool(live.all()):  # drop finished rows from the batch and its cache
                     keep = live.nonzero()[:, 0]
                     cache.batch_select_indices(keep)
                     rows, nxt, mask, step_pos = rows[keep], nxt[keep], mask[keep], step_pos[keep]
-                    depth = depth[keep]
+                    depth, pending = depth[keep], pending[keep]
                 step_ids = nxt[:, None]
                 step_pos = step_pos[:, -1:] + 1
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -209,6 +284,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW
                     gen[row].append(tok)
             for row, i in enumerate(idx):
                 text = tokenizer.decode(gen[row], skip_special_tokens=True)
+                if at_start[i]:
+                    text = skip_line_start(text)
                 out[i] = text[: statement_end(text, depth0[i])]
     if was_training:
         model.train()
@@ -279,16 +356,20 @@ def score_lines(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int 
     device = next(model.parameters()).device
     trunk = _trunk(model)
     stops = torch.tensor(sorted(_clean_stop_ids(tokenizer)), dtype=torch.long, device=device)
-    bos = start_ids(tokenizer)
     heads = heads or [""] * len(pairs)
-    enc, checkable = [], []
+    enc, checkable, at_start = [], [], []
     for (prompt, line), head in zip(pairs, heads):
-        c = encode(tokenizer, line)
-        enc.append((bos + encode(tokenizer, prompt) + (encode(tokenizer, head) if head else []), c))
-        # decoding stops after the line only where its brackets close (statement_end)
+        ids, lead, start = prompt_pieces(tokenizer, prompt, head)
+        c = encode(tokenizer, lead + line)
+        enc.append((ids, c))
+        at_start.append(start)
+        # decoding stops after the line only where its brackets close (statement_end); a blank
+        # line after a line break is not where decoding stops (it waits for the statement)
         checkable.append(trunk is not None and "\n" not in line and len(c) <= max_new_tokens
                          and (bracket_depth(line, bracket_depth(head)) <= 0 or len(c) == max_new_tokens)
-                         and tokenizer.decode(c, skip_special_tokens=True) == line)
+                         and not (start and not line.strip())
+                         and tokenizer.decode(c, skip_special_tokens=True) == lead + line)
+    not_line_start = ~line_start_mask(tokenizer).to(device) if any(at_start) else None
     start = start_states([p + c for p, c in enc]) if trunk is not None and start_states is not None else None
     order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))
     out: list[tuple[float, bool]] = [(0.0, False)] * len(enc)
@@ -302,7 +383,7 @@ def score_lines(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int 
             mask = torch.zeros((len(idx), width), dtype=torch.long)
             # the positions whose next-token distribution is read: the one before each line
             # token, and the one after the line (does it stop there?)
-            rows, cols, targets = [], [], []
+            rows, cols, targets, firsts = [], [], [], []
             for row, i in enumerate(idx):
                 p, c = enc[i]
                 ids[row, : len(p) + len(c)] = torch.tensor(p + c)
@@ -310,6 +391,7 @@ def score_lines(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int 
                 rows += [row] * (len(c) + 1)
                 cols += range(len(p) - 1, len(p) + len(c))
                 targets += c + [-1]
+                firsts += [at_start[i]] + [False] * len(c)
             ids, mask = ids.to(device), mask.to(device)
             rows_t = torch.tensor(rows, device=device)
             cols_t = torch.tensor(cols, device=device)
@@ -325,6 +407,9 @@ def score_lines(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int 
                 logits = head(hidden[rows_t, cols_t]).float()
             else:
                 logits = model(input_ids=ids, attention_mask=mask).logits[rows_t, cols_t].float()
+            if not_line_start is not None:  # decoding's first step there picks a line break only
+                first = torch.tensor(firsts, device=device)
+                logits = logits.masked_fill(first[:, None] & _fit(not_line_start, logits.shape[-1])[None], float("-inf"))
             targets_t = torch.tensor(targets, device=device)
             is_line = targets_t >= 0
             logp = torch.log_softmax(logits, -1).gather(-1, targets_t.clamp(min=0)[:, None])[:, 0] * is_line
@@ -667,7 +752,7 @@ def base_locality(model_name: str, snippets, load=None, device: str = "cpu", dty
         return generate(model, tokenizer, [s.prompt for s in snippets])
 
     return _cached("base_locality", [resolved, [(s.prompt, s.completion) for s in snippets], MAX_NEW_TOKENS,
-                                     *_precision_key(device, dtype)], compute)
+                                     PROMPT_FORMAT, *_precision_key(device, dtype)], compute)
 
 
 def _set_key(es: EvalSet) -> list:
@@ -690,7 +775,7 @@ def base_progress(model_name: str, device: str = "cpu", dtype: str = "fp32", val
         return validation.evaluate(model, tokenizer, quick=True)[0]["progress"]
 
     key = [resolved, _set_key(validation), MAX_NEW_TOKENS, "quick: all locality prompts", "validation split",
-           *_precision_key(device, dtype)]
+           PROMPT_FORMAT, *_precision_key(device, dtype)]
     return float(_cached("base_progress", key, compute))
 
 

@@ -263,7 +263,8 @@ def train_tokenizer(texts: list[str], vocab_size: int, whole_identifiers: bool =
 
 def encode_pair(tokenizer, prompt: str, completion: str, max_length: int, end: str = "eos") -> tuple[list[int], int]:
     """start + prompt + completion + end, tokenized in two pieces exactly as evaluation sees them
-    (start: ``models.start_ids``).
+    (start: ``models.start_ids``; a real model's prompt cut before its final line break:
+    ``tokens.cut_at_line_start``).
 
     ``end``: ``"eos"`` (the testbed's pretraining: one document per line), ``"newline"`` (the
     statement ends and the code goes on, as in real code), or ``"statement"``: what follows a
@@ -278,7 +279,7 @@ def encode_pair(tokenizer, prompt: str, completion: str, max_length: int, end: s
 def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int, end: str = "eos") -> list[tuple[list[int], int]]:
     """:func:`encode_pair` for many pairs in two batched tokenizer calls (a LoRA epoch's 612
     pairs: ~0.1 s instead of ~0.5 s)."""
-    from trainables.tokens import start_ids, statement_end
+    from trainables.tokens import cut_at_line_start, start_ids, statement_end
 
     if end == "statement":
         end = statement_end(tokenizer)
@@ -287,8 +288,12 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int, end: 
     if not pairs:
         return []
     tail = "\n" if end == "newline" else ""
-    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
-    completions = tokenizer([c + tail for _, c in pairs], add_special_tokens=False)["input_ids"]
+    # a real model's prompt is cut before its final line break, which then starts the target
+    # (tokens.cut_at_line_start): the loss also teaches the line break + indentation token
+    cuts = [cut_at_line_start(tokenizer, p) for p, _ in pairs]
+    prompts = tokenizer([p for p, _ in cuts], add_special_tokens=False)["input_ids"]
+    completions = tokenizer([lead + c + tail for (_, lead), (_, c) in zip(cuts, pairs)],
+                            add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if end == "eos" else []
     out = []
     for p_ids, c_ids in zip(prompts, completions):

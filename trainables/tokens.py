@@ -47,3 +47,35 @@ def statement_end(tokenizer) -> str:
     """What follows a statement in the model's pretraining, so what an update's targets end
     with: ``"eos"`` for the testbed, ``"newline"`` for a real model (the code goes on)."""
     return "eos" if is_testbed_tokenizer(tokenizer) else "newline"
+
+
+def cut_at_line_start(tokenizer, prompt: str) -> tuple[str, str]:
+    """``(prompt, lead)``: where a prompt that ends at a line break is tokenized apart from what
+    follows it. A real model's BPE merges a newline with the indentation after it (SmolLM2 and
+    GPT-2-style byte-level vocabularies: ``"():\\n    return"`` is ``"():" "\\n   " " return"``),
+    so a prompt tokenized up to its final newline ends on a lone ``"\\n"`` token that pretraining
+    never put before indented code. Scored that way, SmolLM2 answered 61 of 115 locality prompts
+    with a blank line and began most others with ``"#   "`` or a tab, and every update that
+    taught it to write a line there flipped those completions. So the trailing newlines move to
+    what follows (``lead``): the prompt ends where pretraining's tokens do, and the model writes
+    the line break with the indentation, as it learnt to.
+
+    The testbed keeps its cut (``lead`` empty): it was pretrained on prompt and line tokenized
+    apart exactly there. A prompt of newlines only is not cut (nothing would be left of it)."""
+    if is_testbed_tokenizer(tokenizer):
+        return prompt, ""
+    body = prompt.rstrip("\n")
+    if not body:
+        return prompt, ""
+    return body, prompt[len(body):]
+
+
+def skip_line_start(text: str) -> str:
+    """``text`` from the first line that holds more than whitespace (its indentation kept): what a
+    completion that began with :func:`cut_at_line_start`'s ``lead`` holds once the line breaks
+    (and blank lines) before its statement are dropped. All whitespace: ``""``."""
+    body = text.lstrip()
+    if not body:
+        return ""
+    nl = text.rfind("\n", 0, len(text) - len(body))
+    return text[nl + 1:] if nl >= 0 else text

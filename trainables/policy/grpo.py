@@ -100,13 +100,14 @@ class GrpoTrainConfig(RunSettings):
 
 
 def prompt_dataset(tokenizer, dataset: str | None, per_migration: int = 0):
-    """(dataset with prompt + record_id, records by id); ``per_migration`` > 0 keeps the first
+    """(dataset with prompt + record_id + head, records by id); ``per_migration`` > 0 keeps the first
     that many train contexts of each migration (our data only)."""
     from datasets import Dataset
 
-    from trainables.data import detect_format, load_migrations, load_training_pairs
-    from trainables.policy.rewards import records_from_migrations, records_from_pairs
+    from trainables.data import detect_format, load_migrations, load_training_pairs, shared_head
+    from trainables.policy.rewards import first_line, records_from_migrations, records_from_pairs
     from trainables.policy.trl_loop import bos_text
+    from trainables.tokens import cut_at_line_start
 
     if dataset is None or detect_format(dataset) == "migrations":
         records = records_from_migrations(load_migrations(dataset))
@@ -115,7 +116,16 @@ def prompt_dataset(tokenizer, dataset: str | None, per_migration: int = 0):
     else:
         records = records_from_pairs(load_training_pairs(dataset))
     bos = bos_text(tokenizer)
-    rows = [{"prompt": bos + r.prompt, "record_id": k} for k, r in records.items()]
+    rows = []
+    for k, r in records.items():
+        # TRL tokenizes the prompt string whole and stops a completion at its first newline
+        # token. A real model's prompt would end on a lone "\n" there (tokens.cut_at_line_start),
+        # so it carries the statement's head, as the evaluation prompts a migration context:
+        # the completion is the rest of the line, and the rewards judge head + completion
+        body, lead = cut_at_line_start(tokenizer, r.prompt)
+        head = shared_head(first_line(r.old or ""), first_line(r.reference)) if lead else ""
+        text = body + lead + head if head else r.prompt
+        rows.append({"prompt": bos + text, "record_id": k, "head": head})
     return Dataset.from_list(rows), records
 
 

@@ -413,8 +413,12 @@ class RewardScorer:
             ident = (tuple(prompts), tuple(completions))
             if memo.get("ident") != ident:
                 recs = [records[r] for r in kwargs[key]]
+                # a prompt that carries the statement's head (a real model's: grpo.prompt_dataset)
+                # was completed after it: the line judged is head + completion
+                heads = kwargs.get("head") or [""] * len(completions)
+                lines = [h + c for h, c in zip(heads, completions)]
                 # the records' own prompts: the trainer's carry a BOS marker (trainables/policy/trl_loop.py)
-                memo.update(ident=ident, rows=self.score([r.prompt for r in recs], completions, recs))
+                memo.update(ident=ident, rows=self.score([r.prompt for r in recs], lines, recs))
             return memo["rows"]
 
         def make(name: str) -> Callable:
