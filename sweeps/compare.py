@@ -21,8 +21,9 @@ import sys
 sys.path[0] = str(pathlib.Path(__file__).resolve().parent.parent)  # the project root, not sweeps/
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-COLUMNS = ("efficacy", "generalization", "locality", "specificity", "api_correct", "objective", "trainable_params",
-           "standard_lora_params", "trial_seconds", "test_generalization", "test_locality", "test_specificity")
+COLUMNS = ("efficacy", "generalization", "locality", "specificity", "locality_exact", "specificity_exact", "api_correct",
+           "objective", "trainable_params", "standard_lora_params", "trial_seconds", "test_generalization", "test_locality",
+           "test_specificity")
 INT_COLUMNS = ("trainable_params", "standard_lora_params")
 
 
@@ -121,13 +122,14 @@ def vs_lora(trainable, standard) -> str:
 def markdown(rows: list[dict], ids: bool = True) -> str:
     """The rows as a Markdown table; ``ids``: with the column naming each row's sweep and trial
     (for finding it in MLflow; a document meant to outlive the store leaves it out)."""
-    head = ["method", "efficacy", "generalization", "locality", "specificity", "test gen.", "test loc.", "test spec.",
-            "trainable params", "vs LoRA", "trial s", "objective"] + (["sweep / trial"] if ids else [])
+    head = ["method", "efficacy", "generalization", "locality", "specificity", "loc. / spec. exact", "test gen.",
+            "test loc.", "test spec.", "trainable params", "vs LoRA", "trial s", "objective"] + (["sweep / trial"] if ids else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     f = _fmt
     for r in rows:
         lines.append("| " + " | ".join([
             r["method"], f(r["efficacy"]), f(r["generalization"]), f(r["locality"]), f(r["specificity"]),
+            f"{f(r.get('locality_exact'))} / {f(r.get('specificity_exact'))}",
             f(r["test_generalization"]), f(r["test_locality"]), f(r["test_specificity"]),
             f(r["trainable_params"], "{:,}"), vs_lora(r["trainable_params"], r.get("standard_lora_params")),
             f(r["trial_seconds"], "{:.0f}"), f(r["objective"])]

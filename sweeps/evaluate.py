@@ -16,8 +16,8 @@ import sys
 
 sys.path[0] = str(pathlib.Path(__file__).resolve().parent.parent)  # the project root, not sweeps/
 
-ORDER = ["efficacy", "generalization", "soft_generalization", "old_api_rate", "locality", "locality_accuracy",
-         "specificity", "specificity_accuracy", "over_application", "api_correct", "syntax_ok", "exact_match",
+ORDER = ["efficacy", "generalization", "soft_generalization", "old_api_rate", "locality", "locality_exact",
+         "locality_accuracy", "specificity", "specificity_exact", "specificity_accuracy", "over_application", "api_correct", "syntax_ok", "exact_match",
          "edit_similarity", "objective", "n_migrations", "n_libraries", "n_locality", "n_specificity"]
 
 

@@ -543,3 +543,36 @@ def test_the_state_cache_estimate_bounds_what_a_trial_writes(small_testbed, tmp_
     line = frozen.describe_estimate(resolve("testbed"), None, 10, 2, 8.0)
     per_trial = float(re.search(r"up to (\d+) MB a trial", line).group(1))
     assert 0 < written_mb <= per_trial + 1, (written_mb, line)
+
+
+def test_locality_is_the_base_models_argmax_kept_along_its_own_completions(small_testbed, fixture_data):
+    """``locality`` (and ``specificity``) is token-level: teacher-forced on the base model's
+    completion, the share of positions where the model's argmax is the base model's; the
+    whole-completion equality is ``locality_exact``. The base scores 1 on both; a moved adapter
+    scores what its argmax rows say, snippet by snippet."""
+    from trainables import evaluation
+    from trainables.evaluation import base_argmax, default_eval_data, score_lines, token_agreement
+
+    assert token_agreement([1, 2, 3, 4], [True] * 4, [1, 2, 9, 4]) == 0.75
+    assert token_agreement([1, 2], [True, False], None) == 0.5  # no base argmax: the completion's own tokens
+    with pytest.raises(ValueError, match="argmax row"):
+        token_agreement([1, 2], [True, True], [1])
+    torch.manual_seed(0)
+    migrations, locality = fixture_data
+    base, tok = load_model("testbed")
+    comps = evaluation.generate(base, tok, [s.prompt for s in locality])
+    refs = base_argmax("testbed", locality, comps)
+    assert [len(r) for r in refs] == [len(evaluation.encode(tok, c)) + 1 for c in comps]
+    m0, _ = evaluation.evaluate(base, tok, migrations, locality, comps, base_locality_argmax=refs)
+    assert m0["locality"] == 1.0 and m0["locality_exact"] == 1.0
+    model, _ = load_model("testbed")
+    adapted = _moved(attach_lora(model, _cfg()), 0.03).eval()
+    m1, _ = evaluation.evaluate(adapted, tok, migrations, locality, comps, base_locality_argmax=refs)
+    rows = score_lines(adapted.merge_and_unload(), tok, [(s.prompt, c) for s, c in zip(locality, comps)], argmax=True)
+    by_hand = sum(sum(a == b for a, b in zip(r[2], ref)) / len(ref) for r, ref in zip(rows, refs)) / len(refs)
+    assert m1["locality"] == pytest.approx(by_hand) and 0.0 < m1["locality"] < 1.0
+    assert m1["locality_exact"] < m1["locality"]  # one flip costs a completion, not its other tokens
+    data = default_eval_data("testbed")
+    for split in (data.validation, data.test):
+        assert len(split.base_locality_argmax) == len(split.locality)
+        assert len(split.base_specificity_argmax) == len(split.specificity)

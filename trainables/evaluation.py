@@ -10,7 +10,14 @@ Metrics (all in [0, 1]):
   no longer uses the deprecated call);
 - ``generalization``: the same on the held-out probe contexts;
 - ``old_api_rate``: probe contexts whose completion still uses the deprecated call;
-- ``locality``: locality prompts completed exactly as the *base* model completes them;
+- ``locality``: token-level, teacher-forced on the *base* model's completion of each locality
+  prompt: the share of its positions where the model's argmax is the base model's (EasyEdit's
+  neighbourhood score), averaged over the prompts. Not whole-completion equality: on SmolLM2 a
+  third of the base completions pass a near-tie (top-2 log-probabilities < 0.1 apart), where
+  any update flips a greedy decode and everything after it; a hierarchical-LoRA update whose
+  argmax agreed with the base on 98.5% of those positions kept only 84% of the completions
+  whole, most of them rewritten in style (``x ** 2`` -> ``x**2``, a comment reworded);
+- ``locality_exact``: locality prompts completed exactly as the base model completes them;
 - ``locality_accuracy``: locality prompts completed exactly as the reference;
 - ``api_correct``, ``syntax_ok``, ``exact_match`` (equals the reference new line) and
   ``edit_similarity`` (difflib ratio to it): over all migration contexts;
@@ -330,7 +337,7 @@ def _clean_stop_ids(tokenizer) -> set[int]:
 
 def score_lines(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 96,
                 max_new_tokens: int = MAX_NEW_TOKENS, start_states=None,
-                heads: list[str] | None = None) -> list[tuple[float, bool]]:
+                heads: list[str] | None = None, argmax: bool = False) -> list[tuple]:
     """For each (prompt, line), teacher forced in one batched pass: the summed log-probability
     of the line's tokens after the prompt (prompt and line tokenized apart, as in pretraining
     and generation), and whether :func:`generate` provably completes the prompt with exactly
@@ -344,6 +351,10 @@ def score_lines(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int 
     sampler's argmax is not greedy decoding); the verdict agrees with decoding up to float
     rounding between a full pass and incremental KV-cached steps (a near-tie can fall either
     way in both).
+
+    ``argmax``: also return, per pair, the model's argmax at each position read (before each
+    line token, then after the line; the first one restricted as decoding restricts it) and
+    whether each is the line's token (the last: a stop token), as a third and fourth element.
 
     ``start_states``: for a model whose layers below some k are the base model's (hierarchical
     LoRA, merged), a function from the token sequences (prompt + line) to (k, the base model's
@@ -416,12 +427,14 @@ def score_lines(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int 
             best = logits.argmax(-1)
             hit = torch.where(is_line, best == targets_t, torch.isin(best, stops))
             k = 0
-            logp, hit = logp.tolist(), hit.tolist()
+            logp, hit, best = logp.tolist(), hit.tolist(), best.tolist()
             for row, i in enumerate(idx):
                 n = len(enc[i][1])
                 line_hits = hit[k : k + n]
                 stop_ok = hit[k + n] or n == max_new_tokens
                 out[i] = (sum(logp[k : k + n]), checkable[i] and all(line_hits) and stop_ok)
+                if argmax:
+                    out[i] += (best[k : k + n + 1], hit[k : k + n + 1])
                 k += n + 1
     if was_training:
         model.train()
@@ -452,10 +465,12 @@ def soft_generalization(model, tokenizer, migrations) -> float:
 def evaluate(model, tokenizer, migrations, locality, base_locality: list[str] | None,
              batch_size: int = 96, max_new_tokens: int = MAX_NEW_TOKENS,
              quick: bool = False, start_states=None, specificity=(), base_specificity: list[str] | None = None,
-             train: bool = True) -> tuple[dict, list[Prediction]]:
+             train: bool = True, base_locality_argmax=None, base_specificity_argmax=None) -> tuple[dict, list[Prediction]]:
     """All metrics plus the predictions. ``base_locality`` / ``base_specificity``: the base
     model's completions of the locality and over-application prompts (``None`` when scoring the
     base model itself: locality and specificity are then 1 by definition).
+    ``base_*_argmax``: the base model's argmax along those completions (:func:`base_argmax`),
+    what ``locality`` and ``specificity`` compare with; without them, the completions' own tokens.
 
     ``quick``: for intermediate reports (ASHA and the multi-objective searcher decide on them):
     the first train context of each migration instead of all three. Every locality prompt is
@@ -499,14 +514,24 @@ def evaluate(model, tokenizer, migrations, locality, base_locality: list[str] | 
     scored = checks + olds
     scores = score_lines(model, tokenizer, [(prompts[i], expected[i]) for i in checks]
                          + [(prompts[i], items[i][2].old[len(heads[i]):]) for i in olds], batch_size, max_new_tokens,
-                         start_states, heads=[heads[i] for i in scored])
+                         start_states, heads=[heads[i] for i in scored], argmax=True)
     completions: list[str | None] = [None] * len(items)
     new_lp, old_lp = {}, {}
-    for i, (lp, verified) in zip(checks, scores):
+    agreement: dict[int, float] = {}  # per snippet: token-level agreement with the base model
+    refs = {}
+    for kind, ref in (("locality", base_locality_argmax), ("specificity", base_specificity_argmax)):
+        if ref is not None:
+            where = [i for i, (k, _, _) in enumerate(items) if k == kind]
+            if len(ref) != len(where):
+                raise ValueError(f"{len(ref)} base {kind} argmax rows for {len(where)} prompts")
+            refs.update(zip(where, ref))
+    for i, (lp, verified, best, hits) in zip(checks, scores):
         new_lp[i] = lp
         if verified:
             completions[i] = expected[i]
-    for i, (lp, verified) in zip(olds, scores[len(checks):]):
+        if items[i][0] in ("locality", "specificity"):
+            agreement[i] = token_agreement(best, hits, refs.get(i))
+    for i, (lp, verified, _, _) in zip(olds, scores[len(checks):]):
         old_lp[i] = lp
         if verified and completions[i] is None:
             completions[i] = items[i][2].old[len(heads[i]):]
@@ -542,7 +567,8 @@ def evaluate(model, tokenizer, migrations, locality, base_locality: list[str] | 
     metrics = {
         "generalization": _mean(c.correct for c, _, _ in rows["probe"]),
         "old_api_rate": _mean(c.uses_old for c, _, _ in rows["probe"]),
-        "locality": _mean(p == b for p, b in zip(loc_pred, base_locality)),
+        "locality": _snippet_mean(items, "locality", agreement),
+        "locality_exact": _mean(p == b for p, b in zip(loc_pred, base_locality)),
         "locality_accuracy": _mean(p == s.completion for p, s in zip(loc_pred, locality)),
         "api_correct": _mean(c.correct for c, _, _ in both),
         "syntax_ok": _mean(c.syntax_ok for c, _, _ in both),
@@ -556,7 +582,8 @@ def evaluate(model, tokenizer, migrations, locality, base_locality: list[str] | 
     if train:
         metrics["efficacy"] = _mean(c.correct for c, _, _ in rows["train"])
     if specificity:
-        metrics.update(specificity=_mean(p == b for p, b in zip(spec_pred, base_specificity)),
+        metrics.update(specificity=_snippet_mean(items, "specificity", agreement),
+                       specificity_exact=_mean(p == b for p, b in zip(spec_pred, base_specificity)),
                        specificity_accuracy=_mean(p == s.completion for p, s in zip(spec_pred, specificity)),
                        over_application=_mean(over), n_specificity=len(specificity))
     probe_idx = [i for i, (kind, _, _) in enumerate(items) if kind == "probe"]
@@ -566,10 +593,28 @@ def evaluate(model, tokenizer, migrations, locality, base_locality: list[str] | 
     return metrics, preds
 
 
+def token_agreement(best: list[int], hits: list[bool], ref: list[int] | None) -> float:
+    """One snippet's token-level locality, teacher-forced on the base model's completion: the
+    share of the positions read (each token's, then the one after the line) where the model's
+    argmax is the base model's (``ref``, :func:`base_argmax`); without ``ref``, where it is the
+    completion's own token (a stop token after it)."""
+    if ref is None:
+        return _mean(hits)
+    if len(ref) != len(best):
+        raise ValueError(f"base argmax row of {len(ref)} positions for {len(best)}: made with another tokenizer?")
+    return _mean(a == b for a, b in zip(best, ref))
+
+
+def _snippet_mean(items, kind: str, agreement: dict[int, float]) -> float:
+    """Mean token agreement over the ``kind`` snippets; 1 for a snippet without a base
+    completion to compare with (scoring the base model itself)."""
+    return _mean(agreement.get(i, 1.0) for i, (k, _, _) in enumerate(items) if k == kind)
+
+
 # What a split's report holds besides the validation figures, each as ``test_<key>``: the
 # test split has no train contexts (efficacy is a property of the training data, not a split).
-TEST_KEYS = ("generalization", "old_api_rate", "soft_generalization", "locality", "locality_accuracy",
-             "specificity", "specificity_accuracy", "over_application", "syntax_ok", "objective")
+TEST_KEYS = ("generalization", "old_api_rate", "soft_generalization", "locality", "locality_exact", "locality_accuracy",
+             "specificity", "specificity_exact", "specificity_accuracy", "over_application", "syntax_ok", "objective")
 
 
 @dataclass(frozen=True)
@@ -586,12 +631,17 @@ class EvalSet:
     base_locality: tuple | None
     specificity: tuple = ()
     base_specificity: tuple | None = None
+    # the base model's argmax along its completions (base_argmax): what locality compares with
+    base_locality_argmax: tuple | None = None
+    base_specificity_argmax: tuple | None = None
 
     def evaluate(self, model, tokenizer, quick: bool = False, start_states=None, train: bool = True,
                  batch_size: int = 96) -> tuple[dict, list[Prediction]]:
         return evaluate(model, tokenizer, self.migrations, self.locality, self.base_locality, batch_size,
                         quick=quick, start_states=start_states, specificity=self.specificity,
-                        base_specificity=self.base_specificity, train=train)
+                        base_specificity=self.base_specificity, train=train,
+                        base_locality_argmax=self.base_locality_argmax,
+                        base_specificity_argmax=self.base_specificity_argmax)
 
     def with_prompts(self, context_prompt, snippet_prompt) -> "EvalSet":
         """The same split with every prompt rewritten (the prompt baseline's headers):
@@ -696,15 +746,20 @@ def default_eval_data(model_name: str, device: str = "cpu", dtype: str = "fp32",
     migrations, locality = load_migrations(), load_locality()
     spec = load_specificity(migrations=migrations, locality=locality)
     tests = load_test_contexts(migrations=migrations)
-    base = {}
+    base, tops = {}, {}
     if with_base:
-        base = dict(zip((s.id for s in locality), base_locality(model_name, locality, device=device, dtype=dtype)))
-        if spec:
-            base.update(zip((s.id for s in spec), base_locality(model_name, spec, device=device, dtype=dtype)))
+        for snippets in (locality, spec):
+            if snippets:
+                comps = base_locality(model_name, snippets, device=device, dtype=dtype)
+                base.update(zip((s.id for s in snippets), comps))
+                tops.update(zip((s.id for s in snippets),
+                                base_argmax(model_name, snippets, comps, device=device, dtype=dtype)))
 
     def part(ms, loc, sp) -> EvalSet:
-        return EvalSet(tuple(ms), tuple(loc), tuple(base[s.id] for s in loc) if with_base else None, tuple(sp),
-                       tuple(base[s.id] for s in sp) if with_base else None)
+        if not with_base:
+            return EvalSet(tuple(ms), tuple(loc), None, tuple(sp), None)
+        return EvalSet(tuple(ms), tuple(loc), tuple(base[s.id] for s in loc), tuple(sp),
+                       tuple(base[s.id] for s in sp), tuple(tops[s.id] for s in loc), tuple(tops[s.id] for s in sp))
 
     if not tests:
         return EvalData(part(migrations, locality, spec), None)
@@ -753,6 +808,24 @@ def base_locality(model_name: str, snippets, load=None, device: str = "cpu", dty
 
     return _cached("base_locality", [resolved, [(s.prompt, s.completion) for s in snippets], MAX_NEW_TOKENS,
                                      PROMPT_FORMAT, *_precision_key(device, dtype)], compute)
+
+
+def base_argmax(model_name: str, snippets, completions: list[str], device: str = "cpu",
+                dtype: str = "fp32") -> list[list[int]]:
+    """The base model's argmax at each position of its own completions (``base_locality``),
+    teacher-forced (:func:`score_lines`), cached on disk like them: what the token-level
+    ``locality`` and ``specificity`` compare a trial's argmax with."""
+    from trainables.models import load_model, resolve
+
+    resolved = resolve(model_name)
+
+    def compute():
+        model, tokenizer = load_model(resolved, device=device, dtype=dtype)
+        return [r[2] for r in score_lines(model, tokenizer, [(s.prompt, c) for s, c in zip(snippets, completions)],
+                                          argmax=True)]
+
+    return _cached("base_argmax", [resolved, [s.prompt for s in snippets], list(completions), MAX_NEW_TOKENS,
+                                   PROMPT_FORMAT, *_precision_key(device, dtype)], compute)
 
 
 def _set_key(es: EvalSet) -> list:
