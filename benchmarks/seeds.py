@@ -30,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-FIGURES = ("generalization", "locality", "specificity", "test_generalization", "test_locality",
-           "test_specificity", "test_over_application")
+FIGURES = ("generalization", "locality", "specificity", "locality_exact", "test_generalization", "test_locality",
+           "test_specificity", "test_locality_exact", "test_over_application")
 
 
 def chosen(home: Path, method: str, name: str) -> dict:

@@ -107,34 +107,44 @@ def statement_end(text: str, depth: int = 0, want_depth: bool = False) -> int:
     return depth if want_depth else len(text)
 
 
+def _per_token(tokenizer, attr: str, value, dtype) -> torch.Tensor:
+    """A table of ``value(id, text)`` over the vocabulary (sized for every id the tokenizer
+    knows), memoised on the tokenizer as ``attr``: the decoding loop's per-token lookups."""
+    import torch
+
+    cache = getattr(tokenizer, attr, None)
+    if cache is None:
+        vocab = tokenizer.get_vocab()
+        cache = torch.zeros(max(max(vocab.values()) + 1, len(tokenizer)), dtype=dtype)
+        for t, i in vocab.items():
+            cache[i] = value(i, tokenizer.convert_tokens_to_string([t]))
+        setattr(tokenizer, attr, cache)
+    return cache
+
+
 def _token_brackets(tokenizer):
     """Per vocabulary id: the bracket balance of its text (opens - closes), for the decoding
     loop's cheap estimate of when a newline ends the statement (``statement_end`` decides)."""
     import torch
 
-    cache = getattr(tokenizer, "_apiupdate_brackets", None)
-    if cache is None:
-        vocab = tokenizer.get_vocab()
-        size = max(max(vocab.values()) + 1, len(tokenizer))
-        cache = torch.zeros(size, dtype=torch.long)
-        for t, i in vocab.items():
-            s = tokenizer.convert_tokens_to_string([t])
-            cache[i] = sum(s.count(c) for c in _OPEN) - sum(s.count(c) for c in _CLOSE)
-        tokenizer._apiupdate_brackets = cache
-    return cache
+    return _per_token(tokenizer, "_apiupdate_brackets",
+                      lambda i, s: sum(s.count(c) for c in _OPEN) - sum(s.count(c) for c in _CLOSE), torch.long)
 
 
 def newline_ids(tokenizer) -> torch.Tensor:
     """Ids of tokens whose text contains a newline: a completion ends at the first one."""
     import torch
 
-    cache = getattr(tokenizer, "_apiupdate_newline_ids", None)
-    if cache is None:
-        vocab = tokenizer.get_vocab()
-        cache = torch.tensor(sorted(i for t, i in vocab.items()
-                                    if "\n" in tokenizer.convert_tokens_to_string([t])), dtype=torch.long)
-        tokenizer._apiupdate_newline_ids = cache
-    return cache
+    return _per_token(tokenizer, "_apiupdate_has_newline", lambda i, s: "\n" in s, torch.bool).nonzero()[:, 0]
+
+
+def blank_mask(tokenizer) -> torch.Tensor:
+    """Per vocabulary id: whether its text is whitespace only (special tokens are not)."""
+    import torch
+
+    special = set(tokenizer.all_special_ids)
+    return _per_token(tokenizer, "_apiupdate_blank", lambda i, s: i not in special and bool(s) and not s.strip(),
+                      torch.bool)
 
 
 def line_start_mask(tokenizer) -> torch.Tensor:
@@ -143,31 +153,9 @@ def line_start_mask(tokenizer) -> torch.Tensor:
     must begin with, so that the model writes a new line rather than going on with the last."""
     import torch
 
-    cache = getattr(tokenizer, "_apiupdate_line_start", None)
-    if cache is None:
-        blank = blank_mask(tokenizer)
-        cache = torch.zeros_like(blank)
-        for i in newline_ids(tokenizer).tolist():
-            cache[i] = bool(blank[i]) and tokenizer.decode([i]).startswith("\n")
-        tokenizer._apiupdate_line_start = cache
-    return cache
-
-
-def blank_mask(tokenizer) -> torch.Tensor:
-    """Per vocabulary id: whether its text is whitespace only (special tokens are not)."""
-    import torch
-
-    cache = getattr(tokenizer, "_apiupdate_blank", None)
-    if cache is None:
-        vocab = tokenizer.get_vocab()
-        cache = torch.zeros(max(max(vocab.values()) + 1, len(tokenizer)), dtype=torch.bool)
-        special = set(tokenizer.all_special_ids)
-        for t, i in vocab.items():
-            if i not in special:
-                text = tokenizer.convert_tokens_to_string([t])
-                cache[i] = bool(text) and not text.strip()
-        tokenizer._apiupdate_blank = cache
-    return cache
+    blank = blank_mask(tokenizer)
+    return _per_token(tokenizer, "_apiupdate_line_start", lambda i, s: bool(blank[i]) and s.startswith("\n"),
+                      torch.bool)
 
 
 def _fit(mask: torch.Tensor, size: int) -> torch.Tensor:
