@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     import time
 
     from trainables.common import set_threads
-    from trainables.evaluation import EvalData, EvalSet, base_locality, default_eval_data
+    from trainables.evaluation import EvalData, EvalSet, base_argmax, base_locality, default_eval_data
     from trainables.models import load_model
 
     set_threads(args.threads)
@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     with_base = bool(args.adapter)
     if args.migrations or args.locality:  # the files given, as one set, no over-application lookalikes
         base = tuple(base_locality(args.model, locality)) if with_base else None
-        sets = EvalData(EvalSet(tuple(migrations), tuple(locality), base), None)
+        tops = tuple(base_argmax(args.model, locality, base)) if with_base else None
+        sets = EvalData(EvalSet(tuple(migrations), tuple(locality), base, base_locality_argmax=tops), None)
     else:
         sets = default_eval_data(args.model, with_base=with_base)
     model, tokenizer = load_model(args.model)

@@ -371,7 +371,7 @@ def score_lines(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int 
     not_line_start = ~line_start_mask(tokenizer).to(device) if any(at_start) else None
     start = start_states([p + c for p, c in enc]) if trunk is not None and start_states is not None else None
     order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))
-    out: list[tuple[float, bool]] = [(0.0, False)] * len(enc)
+    out: list[tuple] = [(0.0, False)] * len(enc)
     was_training = model.training
     model.eval()
     with torch.inference_mode():
@@ -487,13 +487,19 @@ def evaluate(model, tokenizer, migrations, locality, base_locality: list[str] | 
     # the start of the statement the prompt already holds; the completion is what follows it
     heads = [(c.head if c is not None else "") for _, _, c in items]
     expected: list[str | None] = [c.new[len(c.head):] if c is not None else None for _, _, c in items]
-    for kind, base in (("locality", base_locality), ("specificity", base_specificity)):
+    refs = {}  # snippet index -> the base model's argmax along its completion
+    for kind, base, tops in (("locality", base_locality, base_locality_argmax),
+                             ("specificity", base_specificity, base_specificity_argmax)):
         where = [i for i, (k, _, _) in enumerate(items) if k == kind]
         if base is not None:
             if len(base) != len(where):
                 raise ValueError(f"{len(base)} base {kind} completions for {len(where)} prompts")
             for i, b in zip(where, base):
                 expected[i] = b
+        if tops is not None:
+            if len(tops) != len(where):
+                raise ValueError(f"{len(tops)} base {kind} argmax rows for {len(where)} prompts")
+            refs.update(zip(where, tops))
     checks = [i for i, e in enumerate(expected) if e is not None]
     # every migration context is also scored against its old line: the probes' scores give
     # soft_generalization, and a context proven to be completed with the old line (an untrained
@@ -506,13 +512,6 @@ def evaluate(model, tokenizer, migrations, locality, base_locality: list[str] | 
     completions: list[str | None] = [None] * len(items)
     new_lp, old_lp = {}, {}
     agreement: dict[int, float] = {}  # per snippet: token-level agreement with the base model
-    refs = {}
-    for kind, ref in (("locality", base_locality_argmax), ("specificity", base_specificity_argmax)):
-        if ref is not None:
-            where = [i for i, (k, _, _) in enumerate(items) if k == kind]
-            if len(ref) != len(where):
-                raise ValueError(f"{len(ref)} base {kind} argmax rows for {len(where)} prompts")
-            refs.update(zip(where, ref))
     for i, (lp, verified, best, hits) in zip(checks, scores):
         new_lp[i] = lp
         if verified:
@@ -736,12 +735,13 @@ def default_eval_data(model_name: str, device: str = "cpu", dtype: str = "fp32",
     tests = load_test_contexts(migrations=migrations)
     base, tops = {}, {}
     if with_base:
+        load = _loader(device, dtype)
         for snippets in (locality, spec):
             if snippets:
-                comps = base_locality(model_name, snippets, device=device, dtype=dtype)
+                comps = base_locality(model_name, snippets, load, device=device, dtype=dtype)
                 base.update(zip((s.id for s in snippets), comps))
                 tops.update(zip((s.id for s in snippets),
-                                base_argmax(model_name, snippets, comps, device=device, dtype=dtype)))
+                                base_argmax(model_name, snippets, comps, load, device=device, dtype=dtype)))
 
     def part(ms, loc, sp) -> EvalSet:
         if not with_base:
@@ -798,17 +798,28 @@ def base_locality(model_name: str, snippets, load=None, device: str = "cpu", dty
                                      PROMPT_FORMAT, *_precision_key(device, dtype)], compute)
 
 
-def base_argmax(model_name: str, snippets, completions: list[str], device: str = "cpu",
+def _loader(device: str, dtype: str):
+    """A ``load`` for :func:`base_locality` / :func:`base_argmax` that loads the base model at
+    most once, and only for a reference that is not on disk yet."""
+    from functools import lru_cache
+
+    from trainables.models import load_model
+
+    return lru_cache(maxsize=1)(lambda resolved: load_model(resolved, device=device, dtype=dtype))
+
+
+def base_argmax(model_name: str, snippets, completions: list[str], load=None, device: str = "cpu",
                 dtype: str = "fp32") -> list[list[int]]:
     """The base model's argmax at each position of its own completions (``base_locality``),
     teacher-forced (:func:`score_lines`), cached on disk like them: what the token-level
-    ``locality`` and ``specificity`` compare a trial's argmax with."""
+    ``locality`` and ``specificity`` compare a trial's argmax with. ``load``: as in
+    :func:`base_locality`."""
     from trainables.models import load_model, resolve
 
     resolved = resolve(model_name)
 
     def compute():
-        model, tokenizer = load_model(resolved, device=device, dtype=dtype)
+        model, tokenizer = load(resolved) if load else load_model(resolved, device=device, dtype=dtype)
         return [r[2] for r in score_lines(model, tokenizer, [(s.prompt, c) for s, c in zip(snippets, completions)],
                                           argmax=True)]
 
