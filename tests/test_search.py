@@ -135,3 +135,34 @@ def test_feasible_needs_both_locality_and_specificity_at_the_floor():
     picks = {max(order, key=lambda t: rank(t[1], t[0]))[0] for order in itertools.permutations([("a", ok), ("b", over)])}
     assert picks == {"a"}
     assert feasible({"test_locality": 0.96, "test_specificity": 0.99}, prefix="test_")
+
+
+def test_start_from_fixes_the_first_suggestion_and_the_sampler_draws_the_rest():
+    from trainables.sweep.methods import METHODS
+    from trainables.sweep.searcher import start_params
+
+    hand = {"model": "smollm2", "hierarchical": True, "layer_start": 18, "layer_end": 30, "target": "mlp",
+            "r": 8, "lr": 0.002, "epochs": 1, "kl_weight": 32.0, "anchors": 16, "alpha": 16,
+            "max_grad_norm": None}
+    params, left = start_params(hand, METHODS["hier_lora"], 30, 4)
+    # derived values map back to what the space samples: the span, and clipping off
+    assert params["layer_span"] == 12 and params["clip"] is False and "max_grad_norm" not in params
+    assert params["alpha"] == 16.0 and isinstance(params["alpha"], float)
+    assert "max_grad_norm" not in left and {"warmup_ratio", "dropout", "augment"} <= set(left)
+    # layer_span is capped at half of 30 layers: 16 is outside this space, and the error says so
+    with pytest.raises(ValueError, match="layer_span=16"):
+        start_params({**hand, "layer_start": 14}, METHODS["hier_lora"], 30, 4)
+    with pytest.raises(ValueError, match="lr=0.5"):
+        start_params({**hand, "lr": 0.5}, METHODS["hier_lora"], 30, 4)
+
+    from trainables.sweep.searcher import make_searcher
+
+    def first_two(start):
+        lim = make_searcher(METHODS["hier_lora"], 30, 4, "objective", "max", seed=3, max_concurrent=2,
+                            lockstep_total=4, start=start)
+        return lim.suggest("a"), lim.suggest("b")
+
+    (a, b), (cold_a, _) = first_two([params]), first_two([])
+    assert {k: a[k] for k in params} == params and a["layer_end"] == 30 and a["max_grad_norm"] is None
+    assert a != cold_a and {k: b[k] for k in params} != params  # the second is the sampler's own
+    assert first_two([params]) == (a, b)  # and the same seed draws the same ones

@@ -95,6 +95,16 @@ def test_smoke_sweep_mlflow_layout_and_export_round_trip(tmp_path, small_testbed
     assert len(study.trials) == 4
     assert [t.user_attrs.get("warm_start_from") for t in study.trials[:2]] == ["smoke", "smoke"]
 
+    # --start-from: the exported best config is the next sweep's first trial, the second is drawn
+    start = sweep("hier_lora", "--smoke-test", "--name", "start", "--start-from", str(best), "--mlruns", str(home))
+    assert start.returncode == 0, start.stderr[-3000:]
+    assert f"start from {best}: a first trial with" in start.stdout
+    first = sorted((home / "ray_results" / "start").glob("trial_*/params.json"))
+    configs = [json.loads(p.read_text()) for p in first]
+    searched = ("lr", "r", "target", "layer_start", "layer_end", "kl_weight", "anchors", "augment")
+    assert any(all(c[k] == doc["config"][k] for k in searched) for c in configs), configs
+    assert not all(all(c[k] == doc["config"][k] for k in searched) for c in configs)
+
 
 @pytest.mark.slow
 def test_resume_after_sigkill_gives_exactly_n_trials(tmp_path, small_testbed):
@@ -154,6 +164,8 @@ def test_a_trial_that_raises_is_resumed_from_its_checkpoint(tmp_path, small_test
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     home = tmp_path / "mlruns"
+    bad_start = tmp_path / "start.yaml"
+    bad_start.write_text("method: hier_lora\nconfig: {lr: 0.5, r: 8}\n")
     cases = [
         (["--num-samples", "0"], "must be >= 1"),
         (["--resume", "--name", "nope"], "no sweep named 'nope'"),
@@ -161,6 +173,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         (["--dataset", str(tmp_path / "missing.jsonl")], "no such file"),
         (["--config", str(tmp_path / "missing.yaml")], "no such file"),
         (["--warm-start", "nope"], "--warm-start nope: no sweep of that name"),
+        (["--start-from", str(tmp_path / "missing.yaml")], "no such file"),
+        (["--start-from", str(bad_start)], "lr=0.5 is not one this search samples"),
     ]
     for args, message in cases:
         out = sweep("hier_lora", *args, "--mlruns", str(home), timeout=120)

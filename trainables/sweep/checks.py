@@ -97,21 +97,22 @@ def check_dataset(path: str | None, skip_bad: bool = False) -> str | None:
     return str(out)
 
 
-def load_config_file(path: str, method: Method) -> tuple[dict, dict]:
-    """(config, provenance) from an export_best.py YAML; one-line errors for bad files."""
+def load_config_file(path: str, method: Method, flag: str = "--config") -> tuple[dict, dict]:
+    """(config, provenance) from an export_best.py YAML; one-line errors for bad files, naming
+    ``flag``."""
     import yaml
 
     try:
         doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UsageError(f"--config {path}: no such file") from None
+        raise UsageError(f"{flag} {path}: no such file") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"--config {path}: cannot read it as YAML ({first})") from None
+        raise UsageError(f"{flag} {path}: cannot read it as YAML ({first})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict):
-        raise UsageError(f"--config {path}: expected a mapping with a 'config' mapping (export_best.py format)")
+        raise UsageError(f"{flag} {path}: expected a mapping with a 'config' mapping (export_best.py format)")
     if doc.get("method", method.name) != method.name:
-        raise UsageError(f"--config {path}: exported for method {doc['method']!r}, not {method.name!r}")
+        raise UsageError(f"{flag} {path}: exported for method {doc['method']!r}, not {method.name!r}")
     # The values themselves are checked once the model's layer count is known (_run).
     return dict(doc["config"]), dict(doc.get("provenance") or {})
 

@@ -85,6 +85,10 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
     p.add_argument("--warm-start", metavar="NAME",
                    help="start the search from the finished trials of the earlier sweep NAME of this method "
                         "(same --model and --max-epochs): TPE models them from the first suggestion")
+    p.add_argument("--start-from", metavar="FILE", action="append", default=[],
+                   help="a config to try first (an export_best.py YAML, or one written by hand with the same "
+                        "'config' mapping): the first trial takes its searched parameters and the sampler draws "
+                        "the ones it leaves out; repeat for several")
     if method.sandboxed:
         p.add_argument("--allow-weak-sandbox", action="store_true",
                        help="run the rewards' generated code even where the sandbox cannot bound its number of "

@@ -37,6 +37,7 @@ class Setup:
     provenance: dict
     allow_weak: bool
     sandbox_tags: dict = field(default_factory=dict)
+    start: list = field(default_factory=list)  # --start-from: (file, params, left to the sampler)
 
 
 @dataclass
@@ -100,9 +101,23 @@ def check_inputs(method: Method, args) -> Setup:
         raise UsageError(f"--warm-start {args.warm_start}: no sweep of that name in {storage}")
     if args.warm_start and args.warm_start == name:
         raise UsageError("--warm-start names this sweep itself: pass an earlier sweep's --name")
+    start = []
+    if args.start_from and (args.resume or args.config):
+        raise UsageError(f"--start-from starts a new search: not with {'--resume' if args.resume else '--config'}")
+    for path in args.start_from:
+        from trainables.sweep.searcher import start_params
+
+        try:
+            params, left = start_params(load_config_file(path, method, "--start-from")[0], method, n_layers,
+                                        1 if args.smoke_test else args.max_epochs)
+        except ValueError as e:
+            raise UsageError(f"--start-from {path}: {e}") from None
+        if not params:
+            raise UsageError(f"--start-from {path}: names none of the parameters {method.name} searches")
+        start.append((path, params, left))
     allow_weak = bool(getattr(args, "allow_weak_sandbox", False))
     setup = Setup(home, storage, name, model, n_layers, dataset, rerun_config, provenance, allow_weak,
-                  check_sandbox(method, allow_weak))
+                  check_sandbox(method, allow_weak), start)
     if not args.address:
         import ray
 
@@ -311,7 +326,8 @@ def run(method: Method, args) -> int:
         "num_samples": args.num_samples, "model": setup.model, "dataset": args.dataset or "data/",
         "skip_bad": args.skip_bad, "seed": args.seed, "cpus_per_trial": slots.cpus, "gpus_per_trial": slots.gpus,
         "workers_per_trial": slots.workers, "max_epochs": args.max_epochs, "multi_objective": args.multi_objective,
-        "smoke_test": args.smoke_test, "lockstep": not args.asynchronous, "warm_start": args.warm_start or ""})
+        "smoke_test": args.smoke_test, "lockstep": not args.asynchronous, "warm_start": args.warm_start or "",
+        "start_from": ", ".join(path for path, _, _ in setup.start)})
     tracker = tracking.MlflowTracker(tracking_uri, artifact_root, method.name, setup.name, parent_id,
                                      extra_tags=setup.sandbox_tags)
 
@@ -341,8 +357,12 @@ def run(method: Method, args) -> int:
                                           max_epochs, args.multi_objective)
         print(f"warm start: {len(warm)} finished trials of sweep {args.warm_start!r}"
               + (f" ({skipped} left out: sampled on another search space)" if skipped else ""), flush=True)
+    for path, params, left in setup.start:
+        print(f"start from {path}: a first trial with {len(params)} of its parameters fixed"
+              + (f", the sampler draws {', '.join(left)}" if left else ""), flush=True)
     searcher = make_searcher(method, setup.n_layers, max_epochs, metric, mode, args.seed, slots.concurrent,
-                             lockstep_total=None if args.asynchronous else num_samples, warm_start=warm)
+                             lockstep_total=None if args.asynchronous else num_samples, warm_start=warm,
+                             start=[params for _, params, _ in setup.start])
     run_config = tune.RunConfig(
         name=setup.name, storage_path=str(setup.storage), callbacks=[tracker],
         failure_config=tune.FailureConfig(max_failures=args.max_failures),

@@ -68,15 +68,52 @@ def warm_start_points(experiment: Path, method: Method, model: str, n_layers: in
     return out, skipped
 
 
+def start_params(config: dict, method: Method, n_layers: int, max_epochs: int) -> tuple[dict, list[str]]:
+    """The search parameters a trial config fixes (an export_best.py YAML's ``config``, or one
+    written by hand), for a first trial that starts the search there, and the parameters left to
+    the sampler. A config names derived values where the space samples others: ``layer_end``
+    (the space samples ``layer_span``) and ``max_grad_norm: null`` (the space samples ``clip``).
+    Raises ValueError naming the first value this space cannot sample."""
+    dists = space_distributions(method, n_layers, max_epochs)
+    config = dict(config)
+    if "layer_span" in dists and "layer_span" not in config and {"layer_start", "layer_end"} <= set(config):
+        config["layer_span"] = int(config["layer_end"]) - int(config["layer_start"])
+    if "clip" in dists and "clip" not in config and "max_grad_norm" in config:
+        config["clip"] = config["max_grad_norm"] is not None
+    if config.get("clip") is False or config.get("max_grad_norm", 0) is None:
+        config.pop("max_grad_norm", None)
+    params = {}
+    for name, dist in dists.items():
+        if name not in config:
+            continue
+        value = config[name]
+        try:
+            ok = dist._contains(dist.to_internal_repr(value))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            choices = getattr(dist, "choices", None)
+            where = (f"one of {list(choices)}" if choices is not None
+                     else f"in [{dist.low:g}, {dist.high:g}]" if hasattr(dist, "low") else str(dist))
+            raise ValueError(f"{name}={value!r} is not one this search samples ({where}, {n_layers} layers, "
+                             f"--max-epochs {max_epochs})")
+        params[name] = dist.to_external_repr(dist.to_internal_repr(value))  # 8 -> the choice 8.0
+    needed = {"max_grad_norm"} if params.get("clip") is False else set()
+    left = sorted(n for n in dists if n not in params and n not in needed)
+    return params, left
+
+
 def make_searcher(method: Method, n_layers: int, max_epochs: int, metric, mode, seed: int,
-                  max_concurrent: int | None = None, lockstep_total: int | None = None, warm_start=()):
+                  max_concurrent: int | None = None, lockstep_total: int | None = None, warm_start=(),
+                  start=()):
     """Seeded TPE in Ray's OptunaSearch, told about pruned, adopted and resumed trials; wrapped
     in a concurrency limiter when ``max_concurrent`` is given (pass it here, not to TuneConfig).
 
     ``lockstep_total``: the sweep's number of trials, for a reproducible search
     (:class:`LockstepLimiter`; needs ``max_concurrent``). ``warm_start``: finished Optuna trials
     of an earlier sweep (:func:`warm_start_points`), added to the study before the first
-    suggestion."""
+    suggestion. ``start``: parameter dicts (:func:`start_params`) that the first suggestions
+    take, in order, the sampler drawing any parameter a dict leaves out."""
     import optuna
     from optuna.trial import TrialState
     from ray.tune.search import ConcurrencyLimiter
@@ -176,6 +213,10 @@ def make_searcher(method: Method, n_layers: int, max_epochs: int, metric, mode, 
     # trials and models them from the first suggestion. Ray's evaluated_rewards would do the
     # same for a dict space only, not for this define-by-run one.
     searcher._ot_study.add_trials(list(warm_start))
+    # Optuna's queue: study.ask() (what Ray's define-by-run search calls) pops an enqueued trial
+    # first, and its suggest_* calls return the fixed values
+    for params in start:
+        searcher._ot_study.enqueue_trial(dict(params))
 
     class ForwardingLimiter(ConcurrencyLimiter):
         """Ray's ConcurrencyLimiter (what max_concurrent_trials adds) drops the completion of any
