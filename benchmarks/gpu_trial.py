@@ -22,8 +22,9 @@ import time  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainables.helpformat import HelpFormatter
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default="smollm2")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     p.add_argument("--epochs", type=int, default=2)

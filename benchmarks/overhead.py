@@ -72,8 +72,9 @@ def plain_seconds(config: dict, reports: int, finished: bool) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainables.helpformat import HelpFormatter
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--method", default="hier_lora", choices=["lora", "hier_lora"])
     p.add_argument("--trials", type=int, default=16, help="trials in the sweep (the headline figure: 40)")
     p.add_argument("--slots", type=int, default=2, help="trials the sweep runs at once (CPUs / CPUs per trial)")

@@ -118,8 +118,9 @@ def run_seed(seed: int, budget: int, world: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainables.helpformat import HelpFormatter
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--budget", type=int, default=40, help="random search trials (and TPE + ASHA's cap)")
     p.add_argument("--world", choices=["small", "full"], default="small",

@@ -88,8 +88,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
+    from trainables.helpformat import HelpFormatter
     p = argparse.ArgumentParser(prog="benchmarks/seeds.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("method", help="a sweep script's name: lora, hier_lora, dpo, grpo, prompt, rome, memit")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
     p.add_argument("--num-samples", type=int, default=40, help="trials per sweep")

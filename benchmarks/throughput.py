@@ -75,8 +75,9 @@ def trial_tokens_per_s(cfg) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainables.helpformat import HelpFormatter
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default="testbed")
     p.add_argument("--epochs", type=int, default=2, help="epochs per measurement")
     p.add_argument("--rounds", type=int, default=3, help="alternating trial / bare measurements")

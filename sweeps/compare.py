@@ -28,8 +28,9 @@ INT_COLUMNS = ("trainable_params", "standard_lora_params")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from trainables.helpformat import HelpFormatter
     p = argparse.ArgumentParser(prog="sweeps/compare.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--mlruns", default=str(ROOT / "mlruns"), help="MLflow home: mlflow.db + artifacts/")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<mlruns>/mlflow.db)")
     p.add_argument("--methods", nargs="+", help="only these methods (default: every method in sweeps/methods.py)")

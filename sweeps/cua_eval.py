@@ -27,9 +27,10 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from trainables.helpformat import HelpFormatter
     p = argparse.ArgumentParser(
         prog="sweeps/cua_eval.py", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("file", help="CodeUpdateArena JSONL (one record per line: update, problem, unit_tests, ...)")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--oracle", action="store_true", help="score each record's ref_solution (harness check)")

@@ -22,8 +22,9 @@ ORDER = ["efficacy", "generalization", "soft_generalization", "old_api_rate", "l
 
 
 def main(argv=None) -> int:
+    from trainables.helpformat import HelpFormatter
     p = argparse.ArgumentParser(prog="sweeps/evaluate.py", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default="testbed",
                    help="'testbed', 'smollm2', a .gguf file, a local model folder or a hub id")
     p.add_argument("--adapter", help="a PEFT adapter folder to apply on top of --model")

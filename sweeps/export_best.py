@@ -65,8 +65,9 @@ def export(method: str, name: str, out: pathlib.Path, tracking_uri: str) -> dict
 
 
 def main(argv=None) -> int:
+    from trainables.helpformat import HelpFormatter
     p = argparse.ArgumentParser(prog="sweeps/export_best.py", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("method", help=f"one of: {', '.join(METHODS)}")
     p.add_argument("--name", required=True, help="the sweep's name")
     p.add_argument("--out", required=True, help="YAML file to write")

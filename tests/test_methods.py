@@ -36,6 +36,8 @@ def test_entry_points_answer_help(script):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert "usage:" in out.stdout
+    # defaults are shown where there is one; an empty one is noise after a help text
+    assert "(default: None)" not in out.stdout and "(default: False)" not in out.stdout
 
 
 def test_search_spaces_derive_the_layer_range():

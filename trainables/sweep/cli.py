@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from trainables.helpformat import HelpFormatter
 from trainables.sweep.checks import DEFAULT_HOME, UsageError
 from trainables.sweep.methods import METHODS, Method
 
@@ -43,7 +44,7 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
         prog=f"sweeps/{method.name}.py",
         description=f"{method.summary} Optuna (TPE) search under Ray Tune with ASHA early stopping, "
                     f"tracked in MLflow (experiment '{method.name}').",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--num-samples", type=_positive_int, default=40, help="trials to run in total")
     p.add_argument("--name", help="sweep name (default: METHOD-YYYYmmdd-HHMMSS); the MLflow parent run's name")
