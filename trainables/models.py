@@ -301,7 +301,10 @@ def load_model(name: str, device: str = "cpu", dtype: str | None = None, gradien
     if gradient_checkpointing:
         # recompute activations in the backward: less memory for ~30% more compute; with PEFT the
         # inputs must require grad or the checkpointed blocks see no trainable input
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.2x's name; the old one warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.eval()
     return model, tokenizer

@@ -65,13 +65,21 @@ def training_args(cls, cfg, out_dir: str, batch_size: int, **extra):
         # themselves, bf16 defaults on, ~5x slower on the CPU, and gradient checkpointing too)
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        # transformers 5.2x renamed it (the old name warns on every trial); older 5.x has only the old
+        **{_checkpointing_arg(cls): cfg.gradient_checkpointing},
         seed=cfg.seed,
         data_seed=cfg.seed,
         disable_tqdm=True,
         dataloader_num_workers=0,
         **extra,
     )
+
+
+def _checkpointing_arg(cls) -> str:
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
 def _mean(xs: list[float]) -> float:
