@@ -34,6 +34,8 @@ import hashlib
 import json
 import math
 import os
+import sys
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -774,7 +776,13 @@ def _cached(kind: str, key_parts, compute):
     path = cache_root() / kind / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
+    # minutes on a real model on a CPU (SmolLM2's locality completions: ~2 minutes on 2 cores),
+    # once per model, data and precision; say so rather than sit silent before the first trial
+    print(f"making the base model's {kind.replace('_', ' ')} reference (cached for later sweeps)",
+          file=sys.stderr, flush=True)
+    t0 = time.time()
     out = compute()
+    print(f"  {kind.replace('_', ' ')}: {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(out))
