@@ -108,7 +108,7 @@ def lockstep_lag(concurrent: int) -> int:
     decisions about trial k) see trials 0 .. k - lag, so trial k can start once those have
     finished. At lag = W (the trials at once) a slot idled whenever trial k-1 finished before
     trial k-2: a third of a 40-trial testbed sweep's 650 s ran one trial instead of two. At 2W a
-    slot waits only for a trial three suggestions back (the same sweep's trial times, replayed:
+    slot waits only while trial k-2W runs on (the same sweep's trial times, replayed:
     641 s at lag 2, 556 s at 4, 552 s with no wait at all), and TPE models two fewer finished
     trials at each suggestion, the ones a constant liar stands in for anyway. One trial at a time
     never idles, so it keeps lag 1 (TPE sees every finished trial)."""
@@ -245,8 +245,8 @@ def make_searcher(method: Method, n_layers: int, max_epochs: int, metric, mode, 
     class LockstepLimiter(ForwardingLimiter):
         """Suggestions that do not depend on timing: the k-th suggestion waits until trials
         0 .. k-``lag`` (in suggestion order; ``lag`` >= W = ``max_concurrent``) have finished,
-        and the study is told exactly those, in that order, before it is asked. TPE (seeded) then sees the same
-        history at every ask whichever trial happened to finish first, and the same seed gives
+        and the study is told exactly those, in that order, before it is asked. TPE (seeded)
+        then sees the same history at every ask whichever trial happened to finish first, and the same seed gives
         the same trials in the same order. :class:`trainables.sweep.scheduler.LockstepASHA`
         makes the early-stopping decisions the same way.
 
