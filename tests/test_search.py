@@ -8,15 +8,15 @@ from types import SimpleNamespace
 import pytest
 
 
-def _searcher(total: int, workers: int = 2, warm=(), lag: int | None = None):
+def _searcher(total: int, workers: int = 2, warm=()):
     from trainables.sweep.methods import METHODS
     from trainables.sweep.searcher import make_searcher
 
     return make_searcher(METHODS["hier_lora"], 8, 4, "objective", "max", seed=3, max_concurrent=workers,
-                         lockstep_total=total, warm_start=warm, lag=lag)
+                         lockstep_total=total, warm_start=warm)
 
 
-def _drive(finish_seed: int, lockstep: bool, total: int = 20, workers: int = 2, lag: int | None = None) -> list[dict]:
+def _drive(finish_seed: int, lockstep: bool, total: int = 20, workers: int = 2) -> list[dict]:
     """A fake sweep as Tune runs one: ask whenever a slot is free (retrying a refused ask after
     the next result), and finish one of the running trials, picked at random with
     ``finish_seed`` (which trial a machine happens to finish first). The objective is a
@@ -28,7 +28,7 @@ def _drive(finish_seed: int, lockstep: bool, total: int = 20, workers: int = 2, 
 
     rng = random.Random(finish_seed)
     lim = make_searcher(METHODS["hier_lora"], 8, 4, "objective", "max", seed=3, max_concurrent=workers,
-                        lockstep_total=total if lockstep else None, lag=lag)
+                        lockstep_total=total if lockstep else None)
     configs, running, n = [], [], 0
     while len(configs) < total or running:
         while len(running) < workers and len(configs) < total:
@@ -45,9 +45,8 @@ def _drive(finish_seed: int, lockstep: bool, total: int = 20, workers: int = 2, 
     return configs
 
 
-@pytest.mark.parametrize("lag", [None, 4])
-def test_lockstep_suggestions_do_not_depend_on_which_trial_finishes_first(lag):
-    runs = [_drive(seed, lockstep=True, lag=lag) for seed in (0, 1, 2, 3)]
+def test_lockstep_suggestions_do_not_depend_on_which_trial_finishes_first():
+    runs = [_drive(seed, lockstep=True) for seed in (0, 1, 2, 3)]
     assert all(r == runs[0] for r in runs)
     assert len({c["lr"] for c in runs[0]}) == len(runs[0])  # real suggestions, not one repeated point
 
@@ -69,24 +68,6 @@ def test_lockstep_holds_a_suggestion_until_trial_k_minus_w_has_finished():
     assert lim.suggest("c")
     study = lim.searcher._ot_study
     assert [t.state.name for t in study.trials[:2]] == ["COMPLETE", "RUNNING"]  # b is told only when d needs it
-
-
-def test_a_longer_lag_lets_a_free_slot_start_while_an_older_trial_runs_on():
-    from trainables.sweep.searcher import lockstep_lag
-
-    assert lockstep_lag(2) == 4 and lockstep_lag(1) == 1  # one trial at a time never waits
-    lim = _searcher(total=8, lag=4)
-    assert lim.suggest("a") and lim.suggest("b")
-    lim.on_trial_complete("b", {"objective": 0.1, "locality": 1.0, "final": True})
-    assert lim.suggest("c")  # a runs on; c needs only trials 0 .. k-4 (none)
-    lim.on_trial_complete("c", {"objective": 0.3, "locality": 1.0, "final": True})
-    assert lim.suggest("d")  # still nothing to wait for (k - 4 < 0)
-    lim.on_trial_complete("d", {"objective": 0.2, "locality": 1.0, "final": True})
-    assert lim.suggest("e") is None  # e (k = 4) must see a, which runs on
-    lim.on_trial_complete("a", {"objective": 0.2, "locality": 1.0, "final": True})
-    assert lim.suggest("e")
-    study = lim.searcher._ot_study
-    assert [t.state.name for t in study.trials[:4]] == ["COMPLETE", "RUNNING", "RUNNING", "RUNNING"]  # only a told
 
 
 def test_lockstep_asha_compares_a_trial_only_with_trials_finished_before_it_started():

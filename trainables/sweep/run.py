@@ -333,9 +333,6 @@ def run(method: Method, args) -> int:
 
     max_epochs = 1 if args.smoke_test else args.max_epochs
     num_samples = 2 if args.smoke_test else args.num_samples
-    from trainables.sweep.searcher import lockstep_lag, make_searcher, warm_start_points
-
-    lag = lockstep_lag(slots.concurrent)
     if args.multi_objective:
         metric, mode, scheduler = ["efficacy", "locality"], ["max", "max"], None
         fixed["_eval_epochs"] = []  # the searcher reads final results only
@@ -350,8 +347,9 @@ def run(method: Method, args) -> int:
             from trainables.objective import STALL_DELTA
 
             floor = base_progress + STALL_DELTA
-        scheduler = make_scheduler(floor, max_epochs, mode, lag=None if args.asynchronous else lag)
+        scheduler = make_scheduler(floor, max_epochs, mode, lag=None if args.asynchronous else slots.concurrent)
         fixed["_eval_epochs"] = asha_rungs(max_epochs)
+    from trainables.sweep.searcher import make_searcher, warm_start_points
 
     warm = []
     if args.warm_start and not args.resume:  # a resumed study already holds them
@@ -362,7 +360,7 @@ def run(method: Method, args) -> int:
     for path, params, left in setup.start:
         print(f"start from {path}: a first trial with {len(params)} of its parameters fixed"
               + (f", the sampler draws {', '.join(left)}" if left else ""), flush=True)
-    searcher = make_searcher(method, setup.n_layers, max_epochs, metric, mode, args.seed, slots.concurrent, lag=lag,
+    searcher = make_searcher(method, setup.n_layers, max_epochs, metric, mode, args.seed, slots.concurrent,
                              lockstep_total=None if args.asynchronous else num_samples, warm_start=warm,
                              start=[params for _, params, _ in setup.start])
     run_config = tune.RunConfig(
