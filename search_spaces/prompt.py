@@ -1,6 +1,6 @@
 """Rules + prompt baseline search space: strategy, which updates the comments describe,
 rules per prompt, and the decoding temperature. Nothing is trained, so every trial is one
-evaluation (~15-75 s on the testbed, longer headers cost more).
+evaluation.
 
 ``max_rules`` only matters where rules are chosen from the imported libraries (knowledge
 ``library`` with strategy ``rules`` or ``cot``), so it is sampled only there (define-by-run).
