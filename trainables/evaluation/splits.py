@@ -1,0 +1,69 @@
+"""What a trial is scored on: one split of the evaluation data with the base model's
+references for it (:class:`EvalSet`), and the validation split the search reads beside the test
+split it never reads (:class:`EvalData`). ``references.default_eval_data`` builds them from data/."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from trainables.evaluation.metrics import TEST_KEYS, Prediction, evaluate
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One split of the evaluation data and the base model's completions of its snippets.
+
+    ``migrations`` hold the split's held-out contexts as ``probe_contexts`` (the validation
+    split: the probe contexts; the test split: data/test_contexts.jsonl), so that
+    ``generalization`` means the same on both; ``specificity`` holds the over-application
+    lookalikes."""
+
+    migrations: tuple
+    locality: tuple
+    base_locality: tuple | None
+    specificity: tuple = ()
+    base_specificity: tuple | None = None
+    # the base model's argmax along its completions (base_argmax): what locality compares with
+    base_locality_argmax: tuple | None = None
+    base_specificity_argmax: tuple | None = None
+
+    def evaluate(self, model, tokenizer, quick: bool = False, start_states=None, train: bool = True,
+                 batch_size: int = 96) -> tuple[dict, list[Prediction]]:
+        return evaluate(model, tokenizer, self.migrations, self.locality, self.base_locality, batch_size,
+                        quick=quick, start_states=start_states, specificity=self.specificity,
+                        base_specificity=self.base_specificity, train=train,
+                        base_locality_argmax=self.base_locality_argmax,
+                        base_specificity_argmax=self.base_specificity_argmax)
+
+    def with_prompts(self, context_prompt, snippet_prompt) -> "EvalSet":
+        """The same split with every prompt rewritten (the prompt baseline's headers):
+        ``context_prompt(prompt, migration_id)``, ``snippet_prompt(prompt)``."""
+
+        def ctxs(cs, mid):
+            return tuple(replace(c, prompt=context_prompt(c.prompt, mid)) for c in cs)
+
+        return replace(self, migrations=tuple(
+            replace(m, train_contexts=ctxs(m.train_contexts, m.id), probe_contexts=ctxs(m.probe_contexts, m.id))
+            for m in self.migrations),
+            locality=tuple(replace(s, prompt=snippet_prompt(s.prompt)) for s in self.locality),
+            specificity=tuple(replace(s, prompt=snippet_prompt(s.prompt)) for s in self.specificity))
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """What every trial is scored on: the search reads ``validation`` only (Optuna, ASHA, the
+    stall rule and the best-trial choice); ``test`` is scored once, at a trial's final report,
+    and reported beside it as ``test_*`` (``None`` when the data dir has no test split)."""
+
+    validation: EvalSet
+    test: EvalSet | None
+
+    def test_metrics(self, model, tokenizer, start_states=None, batch_size: int = 96) -> dict:
+        """``test_<key>`` for the :data:`TEST_KEYS` (empty without a test split)."""
+        if self.test is None:
+            return {}
+        m, _ = self.test.evaluate(model, tokenizer, start_states=start_states, train=False, batch_size=batch_size)
+        return {f"test_{k}": m[k] for k in TEST_KEYS if k in m}
+
+    def with_prompts(self, context_prompt, snippet_prompt) -> "EvalData":
+        return EvalData(self.validation.with_prompts(context_prompt, snippet_prompt),
+                        self.test.with_prompts(context_prompt, snippet_prompt) if self.test else None)
