@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from trainables.common import local_reporter
-    from trainables.lora.loop import LoraTrainConfig, train_loop
+    from trainables.lora.loop import LoraTrainConfig
+    from trainables.sweep.methods import run_one
     from trainables.models import load_model, num_layers, resolve_dtype
 
     use_gpu = torch.cuda.is_available() and not args.cpu
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if use_gpu:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    out = train_loop(cfg, local_reporter([]))
+    out = run_one(cfg, local_reporter([]))
     seconds = time.time() - t0
     tokens_per_s = float(out.get("train_tokens_per_s", 0.0))
     row = {"model": args.model, "dtype": resolve_dtype(args.dtype, "cuda" if use_gpu else "cpu"),

@@ -51,9 +51,10 @@ def sweep_trials(experiment: Path) -> list[tuple[dict, int, bool, float]]:
     return out
 
 
-def plain_seconds(config: dict, reports: int, finished: bool) -> float:
+def plain_seconds(config: dict, reports: int, finished: bool, eval_epochs) -> float:
     from trainables.common import Reporter, config_from_dict
-    from trainables.lora.loop import LoraTrainConfig, train_loop
+    from trainables.lora.loop import LoraTrainConfig
+    from trainables.sweep.methods import run_one
 
     made: list[dict] = []
 
@@ -65,7 +66,7 @@ def plain_seconds(config: dict, reports: int, finished: bool) -> float:
     cfg = config_from_dict(LoraTrainConfig, config)
     t0 = time.perf_counter()
     try:
-        train_loop(cfg, Reporter(report, lambda: None), eval_epochs=config.get("_eval_epochs"))
+        run_one(cfg, Reporter(report, lambda: None), eval_epochs=eval_epochs)
     except _Stop:
         pass
     return time.perf_counter() - t0
@@ -98,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         print(proc.stdout[-3000:])
         raise SystemExit(f"the sweep failed with exit status {proc.returncode}")
     trials = sweep_trials(scratch / "mlruns" / "ray_results" / name)
+    from trainables.trial import TrialContext
+
+    ctx = TrialContext.load(scratch / "mlruns" / "ray_results" / name / "trial_context.json")
     print(f"engine: {len(trials)} trials in {engine_wall:.1f} s; re-running them in a plain loop", flush=True)
 
     from trainables.common import set_threads
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(1)
     seconds = []
     for i, (config, reports, finished, _) in enumerate(trials):
-        seconds.append(plain_seconds(config, reports, finished))
+        seconds.append(plain_seconds(config, reports, finished, ctx.eval_epochs if ctx else None))
         print(f"plain {i + 1}/{len(trials)}: {reports} report(s){'' if finished else ' (stopped by ASHA)'} "
               f"{seconds[-1]:.1f} s", flush=True)
     ideal = sum(seconds) / args.slots

@@ -56,7 +56,8 @@ def search(kind: str, seed: int, budget: int, target: float | None, world: str) 
 
     from search_spaces.hier_lora import space
     from trainables.common import Reporter, config_from_dict, set_threads
-    from trainables.lora.loop import LoraTrainConfig, train_loop
+    from trainables.lora.loop import LoraTrainConfig
+    from trainables.sweep.methods import run_one
     from trainables.models import load_model, num_layers
 
     set_threads(1)
@@ -84,7 +85,7 @@ def search(kind: str, seed: int, budget: int, target: float | None, world: str) 
                     raise optuna.TrialPruned
 
         try:
-            out = train_loop(cfg, Reporter(report, lambda: None))
+            out = run_one(cfg, Reporter(report, lambda: None))
             value = float(out["objective"])
         except optuna.TrialPruned:
             epochs.append(len(seen))

@@ -37,7 +37,7 @@ def bare_tokens_per_s(cfg, epochs: int) -> float:
     import torch
 
     from trainables.common import length_grouped_batches
-    from trainables.lora.loop import attach_lora, training_examples
+    from trainables.adapters import attach_lora, training_examples
     from trainables.tensors import pad_batch
     from trainables.models import load_model
 
@@ -65,10 +65,10 @@ def bare_tokens_per_s(cfg, epochs: int) -> float:
 
 def trial_tokens_per_s(cfg) -> float:
     from trainables.common import local_reporter
-    from trainables.lora.loop import train_loop
+    from trainables.sweep.methods import run_one
 
     history: list[dict] = []
-    out = train_loop(cfg, local_reporter(history))
+    out = run_one(cfg, local_reporter(history))
     if out.get("trial_status") != "completed":
         raise SystemExit(f"the trial did not complete: {out.get('trial_status')}")
     return float(out["train_tokens_per_s"])

@@ -47,6 +47,11 @@ def export(method: str, name: str, out: pathlib.Path, tracking_uri: str) -> dict
     best = max(done, key=lambda r: rank(r.data.metrics, r.data.tags.get("trial_id")))
     config = json.loads(best.data.tags["config_json"])
     config = {k: v for k, v in config.items() if not k.startswith("_")}
+    # what the trial trained on, from its context: a re-run trains the same model and data
+    run_params = best.data.params
+    for key, cast in (("model", str), ("dataset", str), ("seed", int)):
+        if run_params.get(key) not in (None, "None"):
+            config[key] = cast(run_params[key])
     doc = {
         "method": method,
         "config": config,

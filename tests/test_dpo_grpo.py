@@ -12,9 +12,9 @@ import torch
 
 from trainables.common import Reporter, local_reporter
 from trainables.policy.dpo import DpoTrainConfig
-from trainables.policy.dpo import train_loop as dpo_loop
+from trainables.sweep.methods import run_one as dpo_loop  # noqa: I001
 from trainables.policy.grpo import GrpoTrainConfig
-from trainables.policy.grpo import train_loop as grpo_loop
+from trainables.sweep.methods import run_one as grpo_loop  # noqa: F811
 from trainables.policy.rewards import COMPONENTS
 
 
@@ -31,7 +31,7 @@ def test_dpo_raises_the_margin_and_changes_only_adapters_in_range(small_testbed,
     start, end = 2, 4
     history: list[dict] = []
     out = dpo_loop(_dpo(hierarchical=True, layer_start=start, layer_end=end), local_reporter(history),
-                   adapter_out=str(tmp_path / "adapter"))
+                   weights_out=str(tmp_path / "adapter"))
     assert out["trial_status"] == "completed" and out["final"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[-1]["rewards_margins"] > history[0]["rewards_margins"] + 0.1, history
@@ -52,13 +52,13 @@ def test_dpo_raises_the_margin_and_changes_only_adapters_in_range(small_testbed,
 def test_dpo_kl_weight_keeps_the_prompt_distributions_closer_to_the_base(small_testbed, tmp_path):
     from peft import PeftModel
 
-    from trainables.lora.loop import prompt_kl, training_examples
+    from trainables.adapters import prompt_kl, training_examples
     from trainables.tensors import pad_batch
     from trainables.models import load_model
 
     drift = {}
     for kl in (0.0, 5.0):
-        out = dpo_loop(_dpo(epochs=2, kl_weight=kl), local_reporter([]), adapter_out=str(tmp_path / f"a{kl}"))
+        out = dpo_loop(_dpo(epochs=2, kl_weight=kl), local_reporter([]), weights_out=str(tmp_path / f"a{kl}"))
         assert out["trial_status"] == "completed", out
         base, tok = load_model("testbed")
         model = PeftModel.from_pretrained(base, str(tmp_path / f"a{kl}"))

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from trainables.common import local_reporter
-from trainables.lora.loop import LoraTrainConfig, attach_lora, run_once, train_loop
+from trainables.adapters import attach_lora
+from trainables.lora.loop import LoraTrainConfig
+from trainables.sweep.methods import run_one
 from trainables.models import load_model
 
 
@@ -16,7 +18,7 @@ def _cfg(**kw) -> LoraTrainConfig:
 
 def test_training_lowers_the_loss(small_testbed):
     history: list[dict] = []
-    train_loop(_cfg(epochs=4), local_reporter(history))
+    run_one(_cfg(epochs=4), local_reporter(history))
     losses = [h["train_loss"] for h in history]
     assert losses[-1] < 0.7 * losses[0], losses
     assert history[-1]["final"] and history[-1]["trial_status"] == "completed"
@@ -24,7 +26,7 @@ def test_training_lowers_the_loss(small_testbed):
 
 def test_divergence_guard_stops_lr_10(small_testbed):
     history: list[dict] = []
-    out = train_loop(_cfg(lr=10.0, max_grad_norm=None), local_reporter(history))
+    out = run_one(_cfg(lr=10.0, max_grad_norm=None), local_reporter(history))
     assert out["trial_status"] == "diverged" and out["objective"] == -10.0
     assert out["step"] < out["total_steps"]  # stopped at once, not after all epochs
     assert "diverged_reason" in out
@@ -40,7 +42,7 @@ def test_hier_lora_leaves_every_parameter_outside_the_range_unchanged(small_test
     lora0 = {k: v.clone() for k, v in peft_model.named_parameters() if "lora_" in k}
     assert lora0 and all(any(f".layers.{i}." in k for i in range(start, end)) for k in lora0)
     # train this very model through the shared loop's pieces
-    from trainables.lora.loop import training_examples
+    from trainables.adapters import training_examples
     from trainables.tensors import pad_batch
 
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
@@ -63,8 +65,8 @@ def test_hier_lora_leaves_every_parameter_outside_the_range_unchanged(small_test
 
 
 def test_hier_lora_has_fewer_trainable_parameters(small_testbed):
-    full = run_once(dict(epochs=1, batch_size=8, r=4, threads=1))
-    half = run_once(dict(epochs=1, batch_size=8, r=4, threads=1, hierarchical=True, layer_start=2, layer_end=4))
+    full = run_one(LoraTrainConfig(epochs=1, batch_size=8, r=4, threads=1))
+    half = run_one(LoraTrainConfig(epochs=1, batch_size=8, r=4, threads=1, hierarchical=True, layer_start=2, layer_end=4))
     assert half["trainable_params"] * 2 == full["trainable_params"]
     # what the summary compares with: standard LoRA at the same rank, counted from the half model
     assert half["standard_lora_params"] == full["trainable_params"] == full["standard_lora_params"]
@@ -73,13 +75,13 @@ def test_hier_lora_has_fewer_trainable_parameters(small_testbed):
 def test_resume_continues_from_the_checkpoint_and_corrupt_ones_restart(small_testbed, tmp_path):
     keep = tmp_path / "ckpt"
     first: list[dict] = []
-    train_loop(_cfg(epochs=2), local_reporter(first, keep_checkpoint=str(keep)))
+    run_one(_cfg(epochs=2), local_reporter(first, keep_checkpoint=str(keep)))
     resumed: list[dict] = []
-    train_loop(_cfg(epochs=4), local_reporter(resumed, keep_checkpoint=str(keep)))
+    run_one(_cfg(epochs=4), local_reporter(resumed, keep_checkpoint=str(keep)))
     assert [h["epoch"] for h in resumed] == [3, 4]  # continued, did not restart
     (keep / "adapter.pt").write_bytes(b"not a checkpoint")
     again: list[dict] = []
-    train_loop(_cfg(epochs=2), local_reporter(again, keep_checkpoint=str(keep)))
+    run_one(_cfg(epochs=2), local_reporter(again, keep_checkpoint=str(keep)))
     assert [h["epoch"] for h in again] == [1, 2]  # unusable checkpoint: from scratch
 
 
@@ -107,7 +109,7 @@ def test_augment_adds_renamed_copies_that_keep_the_new_api(small_testbed):
 
     from trainables.apicheck import check_completion
     from trainables.data import load_migrations, load_training_pairs
-    from trainables.lora.loop import training_examples
+    from trainables.adapters import training_examples
     from trainables.testbed import rename_variables
 
     _, tok = load_model("testbed")
@@ -149,7 +151,7 @@ def test_soft_generalization_rises_as_the_adapter_learns_and_progress_adds_it(sm
     base = soft_generalization(model, tok, default_eval_data("testbed").validation.migrations)
     assert base < 0.2  # the base model prefers the old line on (almost) every probe
     history: list[dict] = []
-    train_loop(_cfg(epochs=3, lr=1e-2), local_reporter(history))
+    run_one(_cfg(epochs=3, lr=1e-2), local_reporter(history))
     soft = [h["soft_generalization"] for h in history]
     assert min(soft) > base + 0.3, (base, soft)
     for h in history:
@@ -158,7 +160,7 @@ def test_soft_generalization_rises_as_the_adapter_learns_and_progress_adds_it(sm
 
 
 def test_prompt_kl_is_zero_for_fresh_adapters_and_grows_when_they_move(small_testbed):
-    from trainables.lora.loop import prompt_kl, training_examples
+    from trainables.adapters import prompt_kl, training_examples
     from trainables.tensors import pad_batch
 
     model, tok = load_model("testbed")
@@ -189,7 +191,7 @@ def _moved(model, scale: float = 0.05):
 def test_base_pass_equals_a_full_forward_with_the_adapters_off(small_testbed, start):
     """The KL's base logits from the kept lower-layer state (start > 0) or a full pass
     (start 0) are the base model's, and the adapters train again afterwards."""
-    from trainables.lora.loop import BasePass, training_examples
+    from trainables.adapters import BasePass, training_examples
     from trainables.tensors import pad_batch
 
     torch.manual_seed(0)
@@ -216,7 +218,7 @@ def test_base_pass_equals_a_full_forward_with_the_adapters_off(small_testbed, st
 def test_length_grouped_batches_cover_every_example_once_with_less_padding():
     import random
 
-    from trainables.lora.loop import length_grouped_batches
+    from trainables.common import length_grouped_batches
 
     rng = random.Random(0)
     lengths = [rng.randint(20, 100) for _ in range(301)]
@@ -256,7 +258,7 @@ def test_evaluation_through_a_merged_copy_scores_the_adapted_model(small_testbed
 
 def test_eval_epochs_limit_the_reports_to_those_epochs_and_the_last(small_testbed):
     history: list[dict] = []
-    train_loop(_cfg(epochs=3), local_reporter(history), eval_epochs=[1])
+    run_one(_cfg(epochs=3), local_reporter(history), eval_epochs=(1,))
     assert [h["epoch"] for h in history] == [1, 3]
     assert history[-1]["final"] and history[-1]["step"] == history[-1]["total_steps"]
 
@@ -277,7 +279,8 @@ def test_anchor_windows_are_reproducible_and_share_no_line_with_the_locality_set
 
 def test_anchor_rows_add_kl_positions_but_no_lm_loss(small_testbed):
     from trainables.lora.anchors import anchor_ids
-    from trainables.lora.loop import anchor_indices, anchor_rows, training_examples
+    from trainables.adapters import training_examples
+    from trainables.lora.loop import anchor_indices, anchor_rows
     from trainables.tensors import pad_batch
 
     torch.manual_seed(0)
@@ -308,7 +311,7 @@ def test_anchors_keep_unrelated_code_closer_to_the_base(small_testbed, tmp_path)
     from peft import PeftModel
 
     from trainables.lora.anchors import anchor_ids
-    from trainables.lora.loop import prompt_kl
+    from trainables.adapters import prompt_kl
     from trainables.tensors import pad_batch
 
     _, tok = load_model("testbed")
@@ -317,8 +320,8 @@ def test_anchors_keep_unrelated_code_closer_to_the_base(small_testbed, tmp_path)
     drift = {}
     for anchors in (0, 4):
         out = tmp_path / f"a{anchors}"
-        run_once(dict(lr=1e-2, epochs=3, batch_size=4, target="all", r=4, threads=1, warmup_ratio=0.0,
-                      kl_weight=1.0, anchors=anchors), adapter_out=str(out))
+        run_one(LoraTrainConfig(lr=1e-2, epochs=3, batch_size=4, target="all", r=4, threads=1, warmup_ratio=0.0,
+                                kl_weight=1.0, anchors=anchors), weights_out=str(out))
         base, _ = load_model("testbed")
         model = PeftModel.from_pretrained(base, str(out)).eval()
         with torch.no_grad():
@@ -333,7 +336,8 @@ def test_frozen_states_give_the_ordinary_forward_and_base_logits(small_testbed, 
     on, then off), anchor rows (stored at full length, cut to the batch) included."""
     from trainables.lora.anchors import anchor_ids
     from trainables.lora.frozen import FrozenStates
-    from trainables.lora.loop import anchor_rows, training_examples
+    from trainables.adapters import training_examples
+    from trainables.lora.loop import anchor_rows
     from trainables.tensors import pad_batch
 
     torch.manual_seed(0)
@@ -378,7 +382,7 @@ def test_frozen_states_are_shared_through_the_cache_and_change_nothing(small_tes
     runs, stamps = [], []
     for folder in (cache, cache, None):
         history: list[dict] = []
-        runs.append(train_loop(cfg, local_reporter(history), frozen_cache=str(folder) if folder else None))
+        runs.append(run_one(cfg, local_reporter(history), frozen_cache=str(folder) if folder else None))
         if folder:
             files = sorted(cache.iterdir())
             stamps.append({p.name: p.stat().st_mtime_ns for p in files})
@@ -392,24 +396,22 @@ def test_frozen_states_are_shared_through_the_cache_and_change_nothing(small_tes
     for key in ("train_loss", "efficacy", "generalization", "locality", "soft_generalization"):
         assert first[key] == warm[key] == memory[key], key
     # another layer range finds its states already there
-    train_loop(_cfg(hierarchical=True, layer_start=3, layer_end=4, epochs=1, augment=1, kl_weight=0.5),
+    run_one(_cfg(hierarchical=True, layer_start=3, layer_end=4, epochs=1, augment=1, kl_weight=0.5),
                local_reporter([]), frozen_cache=str(cache))
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamps[0]
 
 
-def test_frozen_state_cache_stays_under_its_disk_limit(small_testbed, tmp_path, monkeypatch):
+def test_frozen_state_cache_stays_under_its_disk_limit(small_testbed, tmp_path):
     """With a limit smaller than one example set the folder stays empty and the trial trains
     and scores as without a cache; with room for some sets it stops writing at the limit."""
     from trainables.lora import frozen
 
     cfg = _cfg(hierarchical=True, layer_start=2, layer_end=4, epochs=2, augment=1, kl_weight=0.5)
-    memory = train_loop(cfg, local_reporter([]))
-    monkeypatch.setenv(frozen.CACHE_LIMIT_ENV, "0")
-    none = train_loop(cfg, local_reporter([]), frozen_cache=str(tmp_path / "none"))
+    memory = run_one(cfg, local_reporter([]))
+    none = run_one(cfg, local_reporter([]), frozen_cache=str(tmp_path / "none"), state_cache_gb=0.0)
     assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
     limit = 300_000  # bytes: a few of the small testbed's parts, not all of them
-    monkeypatch.setenv(frozen.CACHE_LIMIT_ENV, str(limit / 2**30))
-    some = train_loop(cfg, local_reporter([]), frozen_cache=str(tmp_path / "some"))
+    some = run_one(cfg, local_reporter([]), frozen_cache=str(tmp_path / "some"), state_cache_gb=limit / 2**30)
     used = frozen.folder_bytes(tmp_path / "some")
     assert 0 < used <= limit
     for key in ("train_loss", "efficacy", "generalization", "locality", "soft_generalization"):
@@ -456,6 +458,7 @@ def test_evaluation_decodes_only_what_it_cannot_prove_and_scores_the_same(small_
     """The metrics and predictions with the teacher-forced proofs equal those of decoding
     every prompt, for a base model and an adapted one, quick and full."""
     from trainables import evaluation
+    from trainables.evaluation import scoring
 
     torch.manual_seed(0)
     migrations, locality = fixture_data
@@ -466,7 +469,7 @@ def test_evaluation_decodes_only_what_it_cannot_prove_and_scores_the_same(small_
     got = {(name, quick): evaluation.evaluate(m, tok, migrations, locality, base_loc, quick=quick)
            for name, m in (("base", base_model), ("adapted", adapted)) for quick in (False, True)}
     assert got["base", False][0]["locality"] == 1.0 and got["base", False][0]["decoded"] < 1.0
-    monkeypatch.setattr(evaluation, "_trunk", lambda model: None)  # no proofs: decode everything
+    monkeypatch.setattr(scoring, "_trunk", lambda model: None)  # no proofs: decode everything
     for (name, quick), (metrics, preds) in got.items():
         m = base_model if name == "base" else adapted
         want, want_preds = evaluation.evaluate(m, tok, migrations, locality, base_loc, quick=quick)
@@ -482,6 +485,7 @@ def test_an_unmerged_lora_model_is_proven_and_scored_like_its_merged_copy(small_
     model's trunk holds the LoRA layers, so the proofs still apply and the metrics are those of
     the merged copy (a real model of 135 M parameters took minutes through the whole head)."""
     from trainables import evaluation
+    from trainables.evaluation import decoding, scoring
 
     torch.manual_seed(0)
     migrations, locality = fixture_data
@@ -489,9 +493,9 @@ def test_an_unmerged_lora_model_is_proven_and_scored_like_its_merged_copy(small_
     base_loc = evaluation.generate(base_model, tok, [s.prompt for s in locality])
     model, _ = load_model("testbed")
     adapted = _moved(attach_lora(model, _cfg()), 0.02).eval()  # moved, but most lines survive
-    assert evaluation._trunk(adapted) is not None
+    assert scoring._trunk(adapted) is not None
     merged, merged_preds = evaluation.evaluate(adapted, tok, migrations, locality, base_loc)
-    monkeypatch.setattr(evaluation, "MERGED_COPY_MAX_PARAMS", 0)
+    monkeypatch.setattr(decoding, "MERGED_COPY_MAX_PARAMS", 0)
     assert evaluation.merged_copy(adapted) is adapted
     unmerged, preds = evaluation.evaluate(adapted, tok, migrations, locality, base_loc)
     assert unmerged["decoded"] == merged["decoded"] < 0.9 and preds == merged_preds
@@ -538,7 +542,7 @@ def test_the_state_cache_estimate_bounds_what_a_trial_writes(small_testbed, tmp_
     from trainables.models import resolve
 
     cfg = _cfg(hierarchical=True, layer_start=2, layer_end=4, epochs=2, augment=2, kl_weight=0.5, anchors=2)
-    train_loop(cfg, local_reporter([]), frozen_cache=str(tmp_path / "cache"))
+    run_one(cfg, local_reporter([]), frozen_cache=str(tmp_path / "cache"))
     written_mb = frozen.folder_bytes(tmp_path / "cache") / 2**20
     line = frozen.describe_estimate(resolve("testbed"), None, 10, 2, 8.0)
     per_trial = float(re.search(r"up to (\d+) MB a trial", line).group(1))

@@ -19,9 +19,9 @@ def test_every_method_has_its_script_and_space_and_nothing_else_does():
     for name, method in METHODS.items():
         assert (ROOT / "search_spaces" / f"{name}.py").is_file()
         assert re.search(rf'main\("{name}"\)', (ROOT / "sweeps" / f"{name}.py").read_text())
-        assert isinstance(method.config_cls, type) and callable(method.trainable) and callable(method.run_once)
+        assert isinstance(method.config_cls, type) and callable(method.fit)
         assert method.space.__module__ == f"search_spaces.{name}"  # one name per method everywhere
-        assert method.trainable.__module__ == method.run_once.__module__ == method.config_cls.__module__
+        assert method.fit.__module__ == method.config_cls.__module__
 
 
 def test_sweeps_holds_only_command_line_scripts():

@@ -70,7 +70,8 @@ def test_hierarchical_adapters_train_only_their_layers_and_modules(family, targe
     attention and MLP both hold a ``c_proj``: ``mlp`` must not adapt the attention's."""
     from transformers import AutoModelForCausalLM
 
-    from trainables.lora.loop import LoraTrainConfig, attach_lora
+    from trainables.adapters import attach_lora
+    from trainables.lora.loop import LoraTrainConfig
     from trainables.models import arch_facts
 
     torch.manual_seed(0)
@@ -135,7 +136,7 @@ def _tiny_model(family: str, small_testbed: Path, out: Path) -> Path:
 def test_start_ids_follow_the_tokenizer_and_the_testbed(small_testbed, tmp_path):
     from transformers import AutoTokenizer
 
-    from trainables.lora.loop import training_examples
+    from trainables.adapters import training_examples
     from trainables.tokens import start_ids, start_text, statement_end
 
     tb = AutoTokenizer.from_pretrained(small_testbed)
@@ -326,9 +327,10 @@ def test_methods_complete_on_gpt2_modules(method, bosless_gpt2):
 
 def _smoke(method: str, model: Path) -> None:
     from trainables.sweep.methods import METHODS
+    from trainables.trial import TrialContext, run_trial, split_config
 
-    m = METHODS[method]
-    out = m.run_once({**m.fixed, **METHOD_SMOKE[method], "model": str(model)})
+    params, settings = split_config(METHOD_SMOKE[method])
+    out = run_trial(METHODS[method], params, TrialContext(**{**settings, "model": str(model)}))
     assert out["trial_status"] == "completed", out
     for k in ("efficacy", "generalization", "locality", "objective"):
         assert 0.0 <= out[k] <= 1.0 or k == "objective", (k, out[k])

@@ -53,11 +53,12 @@ def test_load_model_loads_the_chosen_precision(small_testbed):
 
 def test_gradient_checkpointing_trains_the_same(small_testbed):
     from trainables.common import local_reporter
-    from trainables.lora.loop import LoraTrainConfig, train_loop
+    from trainables.lora.loop import LoraTrainConfig
+    from trainables.sweep.methods import run_one
 
     base = dict(lr=5e-3, epochs=1, batch_size=4, target="all", r=4, threads=1, warmup_ratio=0.0, dropout=0.0)
-    plain = train_loop(LoraTrainConfig(**base), local_reporter([]))
-    ckpt = train_loop(LoraTrainConfig(**base, gradient_checkpointing=True), local_reporter([]))
+    plain = run_one(LoraTrainConfig(**base), local_reporter([]))
+    ckpt = run_one(LoraTrainConfig(**base, gradient_checkpointing=True), local_reporter([]))
     assert plain["trial_status"] == ckpt["trial_status"] == "completed"
     assert ckpt["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-4)
     assert ckpt["efficacy"] == plain["efficacy"] and ckpt["locality"] == plain["locality"]
@@ -79,3 +80,28 @@ def test_a_ddp_sweep_that_cannot_be_placed_is_refused_in_one_line(tmp_path, caps
     code = main("hier_lora", ["--workers-per-trial", "3", "--num-samples", "1", "--mlruns", str(tmp_path / "m")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--workers-per-trial 3" in err[0] and "cannot be placed" in err[0], err
+
+
+def test_a_ddp_rank_takes_the_gpu_ray_train_gave_it(monkeypatch):
+    """Ray Train gives the workers of a node one CUDA_VISIBLE_DEVICES: a rank on bare "cuda"
+    would land on cuda:0 beside rank 0."""
+    import ray.train.torch
+    import torch
+
+    from trainables.trial import TrialContext, trial_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cuda:1"))
+    assert trial_device(TrialContext(use_gpu=True, workers=2)) == "cuda:1"
+    assert trial_device(TrialContext(use_gpu=False, workers=2)) == "cpu"
+
+
+def test_two_ranks_of_one_trial_on_one_gpu_are_refused_in_one_line(tmp_path, capsys):
+    from trainables.sweep.cli import main
+
+    code = main("hier_lora", ["--workers-per-trial", "2", "--gpus-per-trial", "0.5", "--num-samples", "1",
+                              "--mlruns", str(tmp_path / "m")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "two ranks of one trial on one GPU" in err[0], err
+    assert not (tmp_path / "m").exists()

@@ -60,8 +60,8 @@ def test_check_sandbox_refuses_or_tags_and_the_trial_policy_follows_the_config(n
     if sandbox.os.geteuid() != 0:
         pytest.skip("as non-root the caller's uid always bounds the count")
     from trainables.sweep.checks import UsageError, check_sandbox
-    from trainables.sweep.run import sandbox_policy
     from trainables.sweep.methods import METHODS
+    from trainables.trial import TrialContext, sandbox_policy
 
     assert check_sandbox(METHODS["lora"], False) == {}  # runs no generated code: nothing checked
     with pytest.raises(UsageError, match="--allow-weak-sandbox"):
@@ -70,12 +70,13 @@ def test_check_sandbox_refuses_or_tags_and_the_trial_policy_follows_the_config(n
     assert tags["sandbox"].startswith("rlimits; processes bounded by: nothing")
     assert tags["sandbox_weak"].startswith("processes not bounded, allowed by --allow-weak-sandbox")
 
-    def trial(config):  # what a GRPO trial's reward does: one sandbox call
+    def trial(ctx):  # what a GRPO trial's reward does: one sandbox call
+        sandbox_policy(ctx)
         return sandbox.run_code("print(6 * 7)").stdout
 
-    assert sandbox_policy(trial)({"_allow_weak_sandbox": True}) == "42\n"
+    assert trial(TrialContext(allow_weak_sandbox=True)) == "42\n"
     with pytest.raises(sandbox.SandboxUnavailable):
-        sandbox_policy(trial)({})  # a later trial of a sweep without the flag, same worker
+        trial(TrialContext())  # a later trial of a sweep without the flag, same worker
 
 
 @needs_unbounded

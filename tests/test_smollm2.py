@@ -103,14 +103,15 @@ def test_a_few_hier_lora_steps_lower_the_loss_and_move_only_the_chosen_layers(tm
     from peft import PeftModel
 
     from trainables.common import local_reporter
-    from trainables.lora.loop import LoraTrainConfig, train_loop
+    from trainables.lora.loop import LoraTrainConfig
+    from trainables.sweep.methods import run_one
     from trainables.models import load_model
 
     start, end = 26, 30
     history: list[dict] = []
     cfg = LoraTrainConfig(model="smollm2", hierarchical=True, layer_start=start, layer_end=end, target="mlp", r=4,
                           alpha=8, lr=2e-3, epochs=3, batch_size=4, warmup_ratio=0.0, threads=2, kl_weight=0.2)
-    out = train_loop(cfg, local_reporter(history), adapter_out=str(tmp_path / "adapter"))
+    out = run_one(cfg, local_reporter(history), weights_out=str(tmp_path / "adapter"))
     assert out["trial_status"] == "completed", out
     losses = [h["train_loss"] for h in history]
     assert len(losses) == 3 and losses[-1] < 0.8 * losses[0], losses

@@ -39,6 +39,14 @@ def mlflow_runs(home: Path, experiment: str) -> list[dict]:
         con.close()
 
 
+def run_params(home: Path, run_id: str) -> dict:
+    con = sqlite3.connect(home / "mlflow.db")
+    try:
+        return dict(con.execute("select key, value from params where run_uuid = ?", (run_id,)).fetchall())
+    finally:
+        con.close()
+
+
 def children_of(runs: list[dict], sweep_name: str) -> tuple[dict, list[dict]]:
     parents = [r for r in runs if r["tags"].get("kind") == "sweep" and r["name"] == sweep_name]
     assert len(parents) == 1, parents
@@ -59,6 +67,11 @@ def test_smoke_sweep_mlflow_layout_and_export_round_trip(tmp_path, small_testbed
         assert k["tags"]["trial_status"] in {"completed", "pruned", "diverged"}
         for m in ("efficacy", "generalization", "locality", "objective", "trainable_params", "trial_seconds"):
             assert m in k["metrics"], (m, k["metrics"])
+    con = sqlite3.connect(home / "mlflow.db")  # the UI opens the training view, not the GenAI one
+    kind = con.execute("select t.value from experiment_tags t join experiments e on t.experiment_id = e.experiment_id "
+                       "where e.name = 'hier_lora' and t.key = 'mlflow.experimentKind'").fetchall()
+    con.close()
+    assert kind == [("custom_model_development",)], kind
     pngs = [p.name for p in (home / "artifacts").rglob("*.png") if parent["id"] in p.parts]
     assert "optuna_history.png" in pngs, pngs
 
@@ -70,6 +83,19 @@ def test_smoke_sweep_mlflow_layout_and_export_round_trip(tmp_path, small_testbed
     assert doc["method"] == "hier_lora" and doc["provenance"]["sweep"] == "smoke"
     assert doc["provenance"]["git_commit"] and doc["provenance"]["trial_id"]
     assert isinstance(doc["config"]["lr"], float) and doc["config"]["hierarchical"] is True
+    # a trial's config is what the search chose (and the method's constants), nothing else; the
+    # model it trained comes from the sweep's context, into every run's params and the export
+    from trainables.trial import SETTINGS
+
+    for p in (home / "ray_results" / "smoke").glob("trial_*/params.json"):
+        keys = set(json.loads(p.read_text()))
+        assert keys and not any(k.startswith("_") or k in SETTINGS for k in keys), keys
+    assert json.loads((home / "ray_results" / "smoke" / "trial_context.json").read_text())["model"] == "testbed"
+    assert all(run_params(home, k["id"])["model"] == "testbed" for k in kids)
+    assert doc["config"]["model"] == "testbed"
+    clash = sweep("hier_lora", "--config", str(best), "--model", "smollm2", "--mlruns", str(home), "--name", "clash")
+    assert clash.returncode == 2 and len(clash.stderr.strip().splitlines()) == 1, clash.stderr
+    assert "--model smollm2 but --config" in clash.stderr and "trains testbed" in clash.stderr
 
     rerun = sweep("hier_lora", "--config", str(best), "--mlruns", str(home), "--name", "rerun")
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -54,7 +54,8 @@ def test_any_local_model_path_works_like_a_hub_model(arch, tmp_path, small_testb
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     from trainables.evaluation import evaluate
-    from trainables.lora.loop import LoraTrainConfig, attach_lora, trainable_parameters
+    from trainables.adapters import attach_lora, trainable_parameters
+    from trainables.lora.loop import LoraTrainConfig
     from trainables.models import load_model
 
     tok = AutoTokenizer.from_pretrained(small_testbed)

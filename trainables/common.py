@@ -82,12 +82,14 @@ def trial_status(result: dict | None, errored: bool) -> str:
 
 
 def config_from_dict(cls, config: dict[str, Any]):
-    """Build a method's dataclass from a trial config, ignoring engine-only keys (``_...``) and
-    the search space's helper parameters (``cls.SEARCH_ONLY``, e.g. ``layer_span``, whose
-    effect is already in a derived field)."""
+    """Build a method's dataclass from a trial config, ignoring the search spaces' helper
+    parameters (``search_spaces.derived.SEARCH_ONLY``: ``clip``, ``layer_span``, whose effect is
+    already in a derived field)."""
+    from search_spaces.derived import SEARCH_ONLY
+
     names = {f.name for f in fields(cls)}
-    skip = set(getattr(cls, "SEARCH_ONLY", ()))
-    unknown = sorted(k for k in config if k not in names and k not in skip and not k.startswith("_"))
+    skip = set(SEARCH_ONLY)
+    unknown = sorted(k for k in config if k not in names and k not in skip)
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown hyperparameter(s) {', '.join(unknown)}")
     return cls(**{k: v for k, v in config.items() if k in names})
@@ -181,7 +183,7 @@ def local_reporter(history: list[dict] | None = None, keep_checkpoint: str | Non
 
     def report(metrics: dict, ckpt_dir: str | None) -> None:
         history.append(dict(metrics))
-        if ckpt_dir and keep_checkpoint:
+        if ckpt_dir and keep_checkpoint and Path(ckpt_dir).resolve() != Path(keep_checkpoint).resolve():
             shutil.rmtree(keep_checkpoint, ignore_errors=True)
             shutil.copytree(ckpt_dir, keep_checkpoint)
 

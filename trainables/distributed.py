@@ -25,8 +25,9 @@ def ddp_fits(nodes: list[dict], workers: int, cpus: float, gpus: float) -> bool:
     return slots >= workers
 
 
-def run_ddp_trial(worker_fn: Callable[[dict], None], config: dict, workers: int, use_gpu: bool,
-                  cpus_per_worker: float, gpus_per_worker: float = 1.0) -> None:
+def run_ddp_trial(worker_fn: Callable[[dict], None], loop_config: dict, ctx) -> None:
+    """Run ``worker_fn(loop_config)`` on ``ctx.workers`` Ray Train workers of ``ctx.threads``
+    CPUs and ``ctx.gpus_per_worker`` of a GPU each, reporting to this Tune trial."""
     import ray.train
     from ray import tune
     from ray.train.torch import TorchTrainer
@@ -34,20 +35,20 @@ def run_ddp_trial(worker_fn: Callable[[dict], None], config: dict, workers: int,
 
     # ~5 s of teardown per trial at the default interval, ~1 s at 0.5 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    ctx = tune.get_context()
-    storage = config.get("_storage_path") or os.path.expanduser("~/ray_results")
+    tctx = tune.get_context()
+    storage = ctx.storage or os.path.expanduser("~/ray_results")
+    gpus = ctx.gpus_per_worker if ctx.use_gpu else 0.0
     trainer = TorchTrainer(
         worker_fn,
-        train_loop_config=config,
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=use_gpu,
+            num_workers=ctx.workers, use_gpu=ctx.use_gpu,
             # 0.99: the Tune function driving this trainer holds 0.01 CPU, so on 2 CPUs two
-            # 1-CPU workers would never fit (measured: two trainers never ran at once).
-            # each worker takes --gpus-per-trial of a GPU (0.5: two workers share one)
-            resources_per_worker={"CPU": cpus_per_worker * 0.99, **({"GPU": gpus_per_worker} if use_gpu else {})},
+            # 1-CPU workers would never fit (two trainers never ran at once).
+            resources_per_worker={"CPU": ctx.threads * 0.99, **({"GPU": gpus} if ctx.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
-            name=f"{ctx.get_experiment_name()}-{ctx.get_trial_id()}-ddp",
+            name=f"{tctx.get_experiment_name()}-{tctx.get_trial_id()}-ddp",
             storage_path=storage,
             callbacks=[TuneReportCallback()],
         ),

@@ -43,15 +43,9 @@ import ast
 import difflib
 import json
 import re
-import shutil
-import tempfile
-import time
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
-from trainables.common import (
-    STATUS_COMPLETED, Reporter, RunSettings, config_from_dict, local_reporter, set_threads, tune_reporter,
-)
+from trainables.common import RunSettings
 
 STRATEGIES = ("basic", "context", "rules", "cot")
 KNOWLEDGE = ("update", "library")
@@ -216,54 +210,22 @@ def gumbel_sampler(model, temperature: float, seed: int):
 
 
 # --------------------------------------------------------------------------- the trial
-def evaluate_prompt(cfg: PromptConfig, reporter: Reporter) -> dict:
-    """Evaluate once and report once (final). A restored checkpoint holds the finished
-    metrics: they are reported again rather than recomputed."""
-    import torch
-
+def fit(cfg: PromptConfig, session) -> dict:
+    """Nothing to train: one final evaluation with every prompt behind its header."""
     from trainables.data import load_migrations
-    from trainables.evaluation import default_eval_data
     from trainables.models import load_model
 
-    set_threads(cfg.threads)
-    t0 = time.time()
-    restored = reporter.restore()
-    if restored and Path(restored, "metrics.json").is_file():
-        metrics = json.loads(Path(restored, "metrics.json").read_text())
-        reporter.report(metrics, restored)
-        return metrics
-    torch.manual_seed(cfg.seed)
-    device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype)
+    model, tokenizer = load_model(cfg.model, device=session.device, dtype=cfg.dtype)
     migrations = load_migrations()  # evaluation: always data/
     rules = extract_rules(load_migrations(cfg.dataset) if cfg.dataset else migrations)
     builder = PromptBuilder(rules, cfg.strategy, cfg.knowledge, cfg.max_rules)
     # every prompt behind its header; the base completions stay the plain prompts' greedy ones
-    data = default_eval_data(cfg.model, device=device, dtype=cfg.dtype).with_prompts(
-        lambda p, mid: builder.header(p, mid) + p, lambda p: builder.header(p, None) + p)
+    data = session.eval_data.with_prompts(lambda p, mid: builder.header(p, mid) + p,
+                                          lambda p: builder.header(p, None) + p)
     scorer = gumbel_sampler(model, cfg.temperature, cfg.seed) if cfg.temperature > 0 else model
-    metrics, preds = data.validation.evaluate(scorer, tokenizer)
-    metrics.update(data.test_metrics(scorer, tokenizer))
     header_lines = [builder.header(c.prompt, m.id).count("\n") for m in migrations for c in m.probe_contexts]
-    metrics.update(trainable_params=0, trial_seconds=time.time() - t0, final=True, trial_status=STATUS_COMPLETED,
-                   epoch=1, header_lines=sum(header_lines) / max(1, len(header_lines)), n_rules=len(rules))
-    ckpt = tempfile.mkdtemp(prefix="ckpt-")
-    try:
-        Path(ckpt, "metrics.json").write_text(json.dumps(metrics))
-        Path(ckpt, "predictions.json").write_text(json.dumps([asdict(p) for p in preds[:200]]))
-        Path(ckpt, "config.json").write_text(json.dumps(asdict(cfg), default=str))
-        Path(ckpt, "rules.json").write_text(json.dumps([asdict(r) for r in rules], indent=1))
-        reporter.report(metrics, ckpt)
-    finally:
-        shutil.rmtree(ckpt, ignore_errors=True)
-    return metrics
-
-
-def trainable(config: dict) -> None:
-    """Ray Tune function trainable for `prompt`."""
-    evaluate_prompt(config_from_dict(PromptConfig, config), tune_reporter())
-
-
-def run_once(config: dict) -> dict:
-    """Plain, Ray-free evaluation; returns the metrics."""
-    return evaluate_prompt(config_from_dict(PromptConfig, config), local_reporter([]))
+    session.common.update(trainable_params=0)
+    session.end_epoch(1, True, scorer, tokenizer, save=lambda path: None, eval_data=data,
+                      extra={"header_lines": sum(header_lines) / max(1, len(header_lines)), "n_rules": len(rules)},
+                      files={"rules.json": json.dumps([asdict(r) for r in rules], indent=1)})
+    return session.last

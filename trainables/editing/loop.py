@@ -20,8 +20,8 @@ Metrics (reported each phase; the last report also runs the full shared evaluati
   edits' new objects ("neighborhood success"); ``delta_norm``: Frobenius norm of the total
   weight change;
 - ``efficacy``, ``generalization``, ``locality``, ``old_api_rate``, ``api_correct``: the shared
-  code evaluation (``trainables/evaluation.py``), so rows compare with LoRA's;
-- ``objective``: the shared formula (``evaluation.objective``) with the edit's paraphrase
+  code evaluation (``trainables/evaluation/``), so rows compare with LoRA's;
+- ``objective``: the shared formula (``trainables.objective.objective``) with the edit's paraphrase
   success as its generalization and the shared locality as its locality: an edit must carry
   over to paraphrases without changing unrelated code completions.
 """
@@ -31,19 +31,12 @@ import contextlib
 import io
 import json
 import math
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import ClassVar
 
-from trainables.common import (
-    RunSettings, STATUS_COMPLETED, STATUS_DIVERGED, Reporter, config_from_dict, local_reporter,
-    set_threads, tune_reporter,
-)
-from trainables.hooks import fire
-from trainables.objective import DIVERGED_OBJECTIVE
+from trainables.common import RunSettings, config_from_dict
 
 BACKENDS = ("easyeditor",)  # a native implementation would go here; easyeditor runs on CPU and GPU
 FACT_TOKENS = ("subject_last", "subject_first", "subject_first_after_last", "last")
@@ -54,7 +47,6 @@ class _EditBase(RunSettings):
     """What ROME and MEMIT share. Defaults: EasyEdit's hparams for LLaMA / GPT-J, which follow
     the papers (ROME: Meng et al. 2022, Table/App. B; MEMIT: Meng et al. 2023, App. B)."""
 
-    SEARCH_ONLY: ClassVar[tuple[str, ...]] = ("layer_span",)
     ALG: ClassVar[str] = ""
 
     algorithm: str = ""
@@ -324,113 +316,111 @@ def model_path(name: str) -> str:
     return str(ensure_testbed(edit_config())) if name == TESTBED else resolve(name)
 
 
-def edit_loop(cfg: _EditBase, reporter: Reporter, *, eval_data=None, weights_out: str | None = None) -> dict:
-    import torch
+class EditRun:
+    """One editing trial's state: the model, its requests in ``phases`` chunks, easyeditor's
+    hyperparameters and the rewritten weights with their originals."""
 
-    from trainables.editing import compat as editing_compat
-    from trainables.data import load_locality, load_migrations
-    from trainables.editing.requests import requests_for
-    from trainables.evaluation import default_eval_data
-    from trainables.objective import objective
-    from trainables.models import load_model, num_layers
+    def __init__(self, cfg: _EditBase, session):
+        from trainables.data import load_locality, load_migrations
+        from trainables.editing import compat as editing_compat
+        from trainables.editing.requests import requests_for
+        from trainables.models import load_model, num_layers
 
-    set_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    t_start = time.time()
-    device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
-    path = model_path(cfg.model)
-    model, tokenizer = load_model(path, device=device, dtype=cfg.dtype)
-    n_layers = num_layers(model)
-    cfg.layer_range(n_layers)
-    migrations = load_migrations(cfg.dataset) if cfg.dataset else load_migrations()
-    requests = requests_for(migrations)
-    if eval_data is None:
-        eval_data = default_eval_data(path, device=device, dtype=cfg.dtype)
-    corpus = local_corpus(migrations, load_locality())
-    hp_dict = easyedit_hparams(cfg, model.config, path)
-    weights = _rewrite_weights(model, cfg)
-    original = {k: v.detach().clone() for k, v in weights.items()}
-    n_params = sum(v.numel() for v in weights.values())  # what the edits may change
+        self.cfg = cfg
+        path = model_path(cfg.model)
+        session.model_name = path  # the references of the build this trial edits
+        self.model, self.tokenizer = load_model(path, device=session.device, dtype=cfg.dtype)
+        cfg.layer_range(num_layers(self.model))
+        migrations = load_migrations(cfg.dataset) if cfg.dataset else load_migrations()
+        self.requests = requests_for(migrations)
+        self.corpus = local_corpus(migrations, load_locality())
+        self.hp_dict = easyedit_hparams(cfg, self.model.config, path)
+        self.weights = _rewrite_weights(self.model, cfg)
+        self.original = {k: v.detach().clone() for k, v in self.weights.items()}
+        self.chunks = [self.requests[i * len(self.requests) // cfg.phases:(i + 1) * len(self.requests) // cfg.phases]
+                       for i in range(cfg.phases)]
+        self.ee = editing_compat.load()
+        self.hp = (self.ee.ROMEHyperParams if cfg.ALG == "rome" else self.ee.MEMITHyperParams)(**self.hp_dict)
+        self.etok = editing_compat.edit_tokenizer(self.tokenizer)
+        self.phase0 = self.restore(session.restore())
+        self.edit_seconds = 0.0
+        session.common.update(trainable_params=sum(v.numel() for v in self.weights.values()),  # what edits may change
+                              n_requests=len(self.requests), backend=cfg.backend, edit_mode=cfg.mode_name())
 
-    phase0 = 0
-    restored = reporter.restore()
-    if restored and Path(restored, "edit_state.pt").is_file():
+    def restore(self, restored: str | None) -> int:
+        """The phases a restored checkpoint had finished (its weights copied in), else 0."""
+        import torch
+
+        if not (restored and Path(restored, "edit_state.pt").is_file()):
+            return 0
         state = torch.load(Path(restored, "edit_state.pt"), weights_only=True)
         with torch.no_grad():
             for k, v in state["weights"].items():
-                weights[k].copy_(v)
-        phase0 = int(state["phase"])
-        print(f"resumed after phase {phase0}", flush=True)
+                self.weights[k].copy_(v)
+        print(f"resumed after phase {int(state['phase'])}", flush=True)
+        return int(state["phase"])
 
-    chunks = [requests[i * len(requests) // cfg.phases:(i + 1) * len(requests) // cfg.phases]
-              for i in range(cfg.phases)]
-    ee = editing_compat.load()
-    hp = (ee.ROMEHyperParams if cfg.ALG == "rome" else ee.MEMITHyperParams)(**hp_dict)
-    etok = editing_compat.edit_tokenizer(tokenizer)
-    common = {"trainable_params": n_params, "n_requests": len(requests), "backend": cfg.backend,
-              "edit_mode": cfg.mode_name(), "started_at": t_start}
-    metrics: dict = {}
-    edit_seconds = 0.0
-    with editing_compat.patched(corpus, device):
-        for phase in range(phase0, cfg.phases):
-            t0 = time.time()
-            apply_edits(cfg, ee, model, etok, hp, [r.easyedit() for r in chunks[phase]])
-            edit_seconds += time.time() - t0
+    def edit_phase(self, phase: int) -> float:
+        """Apply phase ``phase``'s requests; returns the norm of the total weight change."""
+        import torch
+
+        from trainables.common import Diverged
+
+        t0 = time.time()
+        apply_edits(self.cfg, self.ee, self.model, self.etok, self.hp, [r.easyedit() for r in self.chunks[phase]])
+        self.edit_seconds += time.time() - t0
+        if not all(torch.isfinite(w).all() for w in self.weights.values()):
+            raise Diverged("non-finite edited weights")
+        return math.sqrt(sum(float((self.weights[k] - self.original[k]).float().pow(2).sum()) for k in self.weights))
+
+    def save(self, phase: int):
+        """A checkpoint writer for the session: the edited weights after ``phase`` phases."""
+        import torch
+
+        weights = {k: v.detach().cpu() for k, v in self.weights.items()}
+        return lambda path: torch.save({"phase": phase, "weights": weights}, Path(path, "edit_state.pt"))
+
+    def score(self, edited: int):
+        """The edit's own figures and the objective they give with the shared locality."""
+        from trainables.objective import objective
+
+        def add(metrics: dict) -> dict:
+            out = edit_scores(self.model, self.tokenizer, self.requests, edited)
+            out["objective"] = objective({"generalization": out["edit_generalization"],
+                                          "locality": metrics["locality"], "specificity": metrics.get("specificity")})
+            out["progress"] = out["objective"]  # ASHA ranks edits by their own objective
+            return out
+
+        return add
+
+
+def fit(cfg: _EditBase, session) -> dict:
+    """Apply the edit requests phase by phase, handing each phase's end to the session."""
+    from trainables.editing import compat as editing_compat
+
+    run = EditRun(cfg, session)
+    with editing_compat.patched(run.corpus, session.device):
+        for phase in range(run.phase0, cfg.phases):
+            delta = run.edit_phase(phase)
+            edited = sum(len(c) for c in run.chunks[: phase + 1])
             final = phase == cfg.phases - 1
-            delta = math.sqrt(sum(float((weights[k] - original[k]).float().pow(2).sum()) for k in weights))
-            if not all(torch.isfinite(w).all() for w in weights.values()):
-                print("diverged: non-finite edited weights", flush=True)
-                metrics = {**common, "objective": DIVERGED_OBJECTIVE, "efficacy": 0.0, "generalization": 0.0,
-                           "locality": 0.0, "edit_efficacy": 0.0, "final": True, "delta_norm": delta,
-                           "trial_seconds": time.time() - t_start, "trial_status": STATUS_DIVERGED,
-                           "diverged_reason": "non-finite edited weights"}
-                reporter.report(metrics, None)
-                return metrics
-            edited = sum(len(c) for c in chunks[: phase + 1])
-            metrics, preds = eval_data.validation.evaluate(model, tokenizer, quick=not final)
-            if final:
-                metrics.update(eval_data.test_metrics(model, tokenizer))
-            metrics.update(edit_scores(model, tokenizer, requests, edited))
-            metrics["objective"] = objective({"generalization": metrics["edit_generalization"],
-                                              "locality": metrics["locality"],
-                                              "specificity": metrics.get("specificity")})
-            metrics["progress"] = metrics["objective"]  # ASHA ranks edits by their own objective
-            metrics.update(common, epoch=phase + 1, edited=edited, delta_norm=delta, edit_seconds=edit_seconds,
-                           trial_seconds=time.time() - t_start, final=final,
-                           trial_status=STATUS_COMPLETED if final else "running")
-            ckpt = tempfile.mkdtemp(prefix="ckpt-")
-            try:
-                torch.save({"phase": phase + 1, "weights": {k: v.detach().cpu() for k, v in weights.items()}},
-                           Path(ckpt, "edit_state.pt"))
-                if final:
-                    Path(ckpt, "predictions.json").write_text(json.dumps([asdict(p) for p in preds[:200]]))
-                    Path(ckpt, "config.json").write_text(json.dumps(asdict(cfg), default=str))
-                    Path(ckpt, "easyedit_hparams.json").write_text(json.dumps(hp_dict))
-                    if weights_out:
-                        shutil.copy(Path(ckpt, "edit_state.pt"), weights_out)
-                reporter.report(metrics, ckpt)
-            finally:
-                shutil.rmtree(ckpt, ignore_errors=True)
-            if not final:
-                fire("epoch_end", epoch=phase + 1)
-    return metrics
+            session.end_epoch(phase + 1, final, run.model, run.tokenizer, save=run.save(phase + 1),
+                              score=run.score(edited), files={"easyedit_hparams.json": json.dumps(run.hp_dict)},
+                              extra={"edited": edited, "delta_norm": delta, "edit_seconds": run.edit_seconds})
+    if session.weights_out:
+        import torch
+
+        torch.save({"phase": cfg.phases, "weights": {k: v.detach().cpu() for k, v in run.weights.items()}},
+                   session.weights_out)
+    return session.last
 
 
-def _config(config: dict) -> _EditBase:
+def config_for(config: dict) -> _EditBase:
+    """The ROME or MEMIT config a dict names with ``algorithm``."""
     alg = config.get("algorithm")
     if alg not in CONFIGS:
         raise ValueError(f"algorithm must be one of {', '.join(CONFIGS)}, got {alg!r}")
     return config_from_dict(CONFIGS[alg], config)
-
-
-def trainable(config: dict) -> None:
-    """Ray Tune function trainable for `rome` and `memit`."""
-    edit_loop(_config(config), tune_reporter())
-
-
-def run_once(config: dict, weights_out: str | None = None) -> dict:
-    """Plain, Ray-free run; returns the final metrics."""
-    return edit_loop(_config(config), local_reporter([]), weights_out=weights_out)
 
 
 # --------------------------------------------------------------------------- EasyEdit YAML CLI
@@ -467,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.config and args.hparams_out):
             raise ValueError("give a trial YAML and --hparams-out, or --from-hparams and --out")
         doc = yaml.safe_load(Path(args.config).read_text())
-        cfg = _config({**doc["config"], **({"model": args.model} if args.model else {})})
+        cfg = config_for({**doc["config"], **({"model": args.model} if args.model else {})})
         from transformers import AutoConfig
 
         path = model_path(cfg.model)  # the editing testbed for `testbed`, as the trials load

@@ -42,7 +42,6 @@ MAX_BYTES = 1 << 30  # states of one example set above this: keep the ordinary f
 # The most a sweep's cache folder may hold on disk; past it a trial keeps the states it computes
 # in memory and writes nothing. The engine sets it from --state-cache-gb; one SmolLM2 training
 # set (204 pairs + 1 renamed copy, ~24 K tokens, hidden 576) is ~56 MB per stored layer.
-CACHE_LIMIT_ENV = "APIUPDATE_STATE_CACHE_GB"
 DEFAULT_CACHE_GB = 8.0
 ANCHOR_CHUNK = 256  # anchor pool rows per stored set: a trial reads only the chunks its steps use
 FORMAT = 2  # of the stored files (one flat tensor + lengths per part); part of their names
@@ -74,13 +73,9 @@ def _save_atomic(states: list, path: Path) -> None:
             os.unlink(tmp)
 
 
-def cache_limit_bytes() -> int:
-    """The disk budget of a cache folder (``CACHE_LIMIT_ENV``, in GB; 0 = write nothing)."""
-    raw = os.environ.get(CACHE_LIMIT_ENV, "")
-    try:
-        gb = float(raw) if raw else DEFAULT_CACHE_GB
-    except ValueError:
-        gb = DEFAULT_CACHE_GB
+def cache_limit_bytes(limit_gb: float | None) -> int:
+    """The disk budget of a cache folder (``--state-cache-gb``; None: the default; 0 = write nothing)."""
+    gb = DEFAULT_CACHE_GB if limit_gb is None else float(limit_gb)
     return int(max(0.0, gb) * (1 << 30))
 
 
@@ -99,10 +94,9 @@ def states_bytes(states: list) -> int:
 _warned_full: set[str] = set()
 
 
-def _within_budget(folder: Path, extra: int) -> bool:
+def _within_budget(folder: Path, extra: int, limit: int) -> bool:
     """May ``extra`` more bytes be written to ``folder``? Says so once per folder when not.
     Concurrent trials may overshoot by what they write at the same moment (one set each)."""
-    limit = cache_limit_bytes()
     used = folder_bytes(folder)
     if used + extra <= limit:
         return True
@@ -190,8 +184,10 @@ def _fits(examples, hidden_size: int, parts: int) -> bool:
 class FrozenStates:
     """``h_k`` (when ``k > 0``) and ``final`` (when ``want_final``) per example of the current set."""
 
-    def __init__(self, peft_model, k: int, want_final: bool, cache_dir: str | None, fingerprint: str):
+    def __init__(self, peft_model, k: int, want_final: bool, cache_dir: str | None, fingerprint: str,
+                 limit_gb: float | None = None):
         self.model = peft_model
+        self.limit_bytes = cache_limit_bytes(limit_gb)
         inner = peft_model.get_base_model()
         self.decoder = inner.get_decoder()
         self.layers = list(self.decoder.layers)
@@ -208,7 +204,7 @@ class FrozenStates:
 
     @classmethod
     def make(cls, peft_model, k: int, want_final: bool, cache_dir: str | None = None, model_name: str | None = None,
-             examples=None):
+             examples=None, limit_gb: float | None = None):
         """A ``FrozenStates`` when it applies (see the module docstring; ``examples``: a set
         whose states must fit ``MAX_BYTES``), else None."""
         import torch
@@ -225,7 +221,7 @@ class FrozenStates:
             return None
         if examples is not None and not _fits(examples, cfg.hidden_size, (k > 0) + want_final):
             return None
-        return cls(peft_model, k, want_final, cache_dir, _fingerprint(inner, model_name))
+        return cls(peft_model, k, want_final, cache_dir, _fingerprint(inner, model_name), limit_gb)
 
     # ------------------------------------------------------------------ one example set
     def _paths(self, parts: list[str], examples) -> dict[str, Path | None]:
@@ -258,7 +254,8 @@ class FrozenStates:
             made = self._compute(examples, pad_id, list(paths) if whole else parts)
             for part, states in made.items():
                 path = paths[part]
-                if path is not None and not path.is_file() and _within_budget(path.parent, states_bytes(states)):
+                if path is not None and not path.is_file() and _within_budget(path.parent, states_bytes(states),
+                                                                                    self.limit_bytes):
                     _save_atomic(states, path)
             got.update({part: made[part] for part in parts if part not in got})
         return got

@@ -11,10 +11,8 @@ evaluation scores. Every reward component is a TRL reward function (weight 0: lo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
-from trainables.common import RunSettings, config_from_dict, local_reporter, tune_reporter
-from trainables.lora.loop import adapter_layer_range, check_adapter_fields
+from trainables.adapters import AdapterConfig, doc
 from trainables.policy.rewards import COMPONENTS, DEFAULT_WEIGHTS, EXEC_TIMEOUT_S
 
 # TRL 1.16 GRPOConfig.loss_type values searched: dapo (TRL's default: token-level
@@ -24,52 +22,37 @@ LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
 
 
 @dataclass
-class GrpoTrainConfig(RunSettings):
+class GrpoTrainConfig(AdapterConfig):
     """One GRPO run. Defaults: TRL's GRPOConfig (loss dapo, clip epsilon 0.2, beta 0.0,
     temperature 1.0) except where a tiny CPU model needs otherwise (lr, lengths, batch)."""
 
-    SEARCH_ONLY: ClassVar[tuple[str, ...]] = ("clip", "layer_span")
-
-    model: str = "testbed"
-    dataset: str | None = None
-    hierarchical: bool = False
-    layer_start: int = 0
-    layer_end: int | None = None
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target: str = "all"
-    lr: float = 1.0e-3  # TRL's 1e-6 is for full fine-tuning of large models
-    beta: float = 0.0  # KL to the reference; TRL's default 0 (DAPO), DeepSeekMath used 0.04
-    loss_type: str = "dapo"
-    epsilon: float = 0.2  # PPO-style ratio clipping (TRL default)
-    max_grad_norm: float | None = 1.0
-    warmup_ratio: float = 0.0
-    schedule: str = "linear"
-    epochs: int = 2  # passes over the train prompts
-    # Supervised warm start before RL (SFT, then RL): epochs over the training pairs at sft_lr.
-    # From the base testbed the policy samples the new API in 0.2-1.8% of completions, so
-    # almost no group holds a reward difference to learn from; 0 = GRPO from the base model.
-    sft_epochs: int = 0
-    sft_lr: float = 3.0e-3
-    # Train contexts per migration used as prompts (0 = all). One (68 prompts, 9 steps of 8
-    # prompts) keeps an epoch near 2 minutes on 2 busy cores: a step costs ~14 s there
-    # (generation + a sandbox call that imports the step's libraries).
-    contexts_per_migration: int = 1
-    num_generations: int = 8  # completions per prompt (the group); TRL default 8
-    prompts_per_step: int = 8  # per optimizer step: batch = prompts_per_step x num_generations
-    temperature: float = 1.0
-    max_completion_length: int = 32  # one line of <= 90 characters is ~30 tokens (evaluation: 48)
-    w_execution: float = DEFAULT_WEIGHTS["execution"]
-    w_tests: float = DEFAULT_WEIGHTS["tests"]
-    w_api: float = DEFAULT_WEIGHTS["api"]
-    w_format: float = DEFAULT_WEIGHTS["format"]
-    exec_timeout: float = EXEC_TIMEOUT_S
+    dropout: float = doc(0.0, "LoRA dropout")
+    target: str = doc("all", "projections adapted: qv, attn, mlp or all")
+    lr: float = doc(1.0e-3, "AdamW learning rate; TRL's 1e-6 is for full fine-tuning of large models")
+    warmup_ratio: float = doc(0.0, "share of the steps with a linear warm-up")
+    epochs: int = doc(2, "passes over the train prompts")
+    beta: float = doc(0.0, "KL to the reference; TRL's default 0 (DAPO), DeepSeekMath used 0.04")
+    loss_type: str = doc("dapo", f"TRL's GRPO loss: one of {', '.join(LOSS_TYPES)}")
+    epsilon: float = doc(0.2, "PPO-style ratio clipping (TRL's default)")
+    sft_epochs: int = doc(0, "supervised epochs over the training pairs before RL: from a base model the policy "
+                             "rarely samples the new API, so few groups hold a reward difference; 0 = none")
+    sft_lr: float = doc(3.0e-3, "learning rate of the supervised warm start")
+    contexts_per_migration: int = doc(1, "train contexts per migration used as prompts (0 = all); each costs "
+                                         "generation and a sandbox call per step")
+    num_generations: int = doc(8, "completions per prompt (the group; TRL's default)")
+    prompts_per_step: int = doc(8, "prompts per optimizer step: a batch is prompts_per_step x num_generations")
+    temperature: float = doc(1.0, "sampling temperature of the completions")
+    max_completion_length: int = doc(32, "tokens per completion: one line of code")
+    w_execution: float = doc(DEFAULT_WEIGHTS["execution"], "reward weight: prompt + completion runs in the sandbox")
+    w_tests: float = doc(DEFAULT_WEIGHTS["tests"], "reward weight: tests derived from the reference line pass")
+    w_api: float = doc(DEFAULT_WEIGHTS["api"], "reward weight: the replacement API is used and the deprecated one no longer")
+    w_format: float = doc(DEFAULT_WEIGHTS["format"], "reward weight: a finished line that parses")
+    exec_timeout: float = doc(EXEC_TIMEOUT_S, "seconds a rewarded program may run in the sandbox")
 
     def __post_init__(self) -> None:
         from trainables.policy.rewards import check_weights
 
-        check_adapter_fields(self)
+        super().__post_init__()
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0 (0 = no KL term, TRL's default), got {self.beta}")
         if self.loss_type not in LOSS_TYPES:
@@ -77,8 +60,8 @@ class GrpoTrainConfig(RunSettings):
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (GRPO compares completions within a group), "
                              f"got {self.num_generations}")
-        if self.prompts_per_step < 1 or self.epochs < 1 or self.r < 1 or self.max_completion_length < 1:
-            raise ValueError("prompts_per_step, epochs, r and max_completion_length must be >= 1")
+        if self.prompts_per_step < 1 or self.max_completion_length < 1:
+            raise ValueError("prompts_per_step and max_completion_length must be >= 1")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.sft_epochs < 0 or not self.sft_lr > 0:
@@ -94,9 +77,6 @@ class GrpoTrainConfig(RunSettings):
     @property
     def weights(self) -> dict[str, float]:
         return {c: getattr(self, f"w_{c}") for c in COMPONENTS}
-
-    def layer_range(self, n_layers: int) -> tuple[int, int]:
-        return adapter_layer_range(self, n_layers)
 
 
 def prompt_dataset(tokenizer, dataset: str | None, per_migration: int = 0):
@@ -129,7 +109,9 @@ def prompt_dataset(tokenizer, dataset: str | None, per_migration: int = 0):
     return Dataset.from_list(rows), records
 
 
-def train_loop(cfg: GrpoTrainConfig, reporter, *, eval_data=None, adapter_out: str | None = None) -> dict:
+def fit(cfg: GrpoTrainConfig, session) -> dict:
+    """An optional supervised warm start, then TRL's GRPOTrainer on ``cfg``'s adapters; the
+    session evaluates and reports."""
     from trl import GRPOConfig, GRPOTrainer
 
     from trainables.evaluation import newline_ids
@@ -162,36 +144,20 @@ def train_loop(cfg: GrpoTrainConfig, reporter, *, eval_data=None, adapter_out: s
         """SFT epochs, then the quick evaluation: what the RL phase starts from (``warmup_*``)."""
         if cfg.sft_epochs <= 0:
             return {}
-        from trainables.lora.loop import supervised_warmup
+        from trainables.adapters import supervised_warmup
 
         losses = supervised_warmup(model, tokenizer, cfg.dataset, cfg.sft_epochs, cfg.sft_lr, seed=cfg.seed,
                                    max_grad_norm=cfg.max_grad_norm or 1.0)
-        m, _ = eval_data.validation.evaluate(model, tokenizer, quick=True)
+        m, _ = session.evaluate(model, tokenizer, final=False)
         print(f"SFT warm start: {cfg.sft_epochs} epoch(s), loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
               f"efficacy {m['efficacy']:.3f} generalization {m['generalization']:.3f} locality {m['locality']:.3f}",
               flush=True)
         return {"warmup_loss": losses[-1], **{f"warmup_{k}": m[k] for k in
                                               ("efficacy", "generalization", "soft_generalization", "locality")}}
 
-    if eval_data is None:
-        import torch
-
-        from trainables.evaluation import default_eval_data
-
-        eval_data = default_eval_data(cfg.model, "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu", cfg.dtype)
     keys = tuple(f"rewards/{n}/mean" for n in (*COMPONENTS, "reward")) + ("grad_norm", "kl", "completions/mean_length")
-    metrics = run_trainer(cfg, reporter, build, keys, eval_data=eval_data, adapter_out=adapter_out,
-                          warm_start=warm_start)
+    metrics = run_trainer(cfg, session, build, keys, warm_start=warm_start)
     metrics.setdefault("sandbox_calls", scorer.sandbox_calls)
     metrics.setdefault("programs_run", scorer.programs_run)
     return metrics
 
-
-def trainable(config: dict) -> None:
-    """Ray Tune function trainable for `grpo`."""
-    train_loop(config_from_dict(GrpoTrainConfig, config), tune_reporter())
-
-
-def run_once(config: dict, adapter_out: str | None = None) -> dict:
-    """Plain, Ray-free run; returns the final metrics."""
-    return train_loop(config_from_dict(GrpoTrainConfig, config), local_reporter([]), adapter_out=adapter_out)

@@ -1,11 +1,11 @@
-"""What the TRL trainables (``dpo``, ``grpo``) share: adapter fields, TrainingArguments on the
-CPU, and a callback that bridges a ``transformers.Trainer`` to our Reporter.
+"""What the TRL fit steps (``dpo``, ``grpo``) share: TrainingArguments in the trial's precision,
+and a callback that hands a ``transformers.Trainer``'s epochs to the trial's session.
 
-The bridge, per epoch: the divergence guard on every logged step (loss and grad_norm), the
-shared evaluation when the Trainer saves its epoch checkpoint (quick, full on the last epoch),
-and one report with that checkpoint folder (adapter + optimizer + scheduler + RNG +
+The bridge: the divergence guard on every logged step (loss and grad_norm), and at each epoch
+checkpoint the session's end of epoch (a quick evaluation at ASHA's rungs, the full one at the
+end, nothing elsewhere) with that checkpoint folder (adapter + optimizer + scheduler + RNG +
 ``trainer_state.json`` + the guard's state), so a resumed trial calls
-``trainer.train(resume_from_checkpoint=...)`` and continues at the next epoch.
+``trainer.train(resume_from_checkpoint=...)`` and continues after its last report.
 """
 from __future__ import annotations
 
@@ -13,15 +13,10 @@ import json
 import math
 import shutil
 import tempfile
-import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-from trainables.common import (
-    STATUS_COMPLETED, STATUS_DIVERGED, DivergenceGuard, Diverged, Reporter, set_threads,
-)
-from trainables.objective import DIVERGED_OBJECTIVE
+from trainables.common import DivergenceGuard
 
 # Clipping "off" still has the Trainer compute the gradient norm (the guard reads it): a bound
 # no gradient of these adapters reaches (their norms here are < 100) clips nothing.
@@ -87,16 +82,14 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def make_bridge(cfg, reporter: Reporter, model, tokenizer, eval_data, common: dict, t_start: float,
-                guard: DivergenceGuard, log_keys: tuple[str, ...]):
-    """A TrainerCallback: guard each logged step, evaluate + report at each epoch checkpoint."""
+def make_bridge(session, model, tokenizer, guard: DivergenceGuard, log_keys: tuple[str, ...]):
+    """A TrainerCallback: guard each logged step, end the session's epoch at each checkpoint."""
     from transformers import TrainerCallback
 
     class Bridge(TrainerCallback):
         def __init__(self) -> None:
-            self.epoch_logs: list[dict] = []
+            self.epoch_logs: list[dict] = []  # logged steps since the last report
             self.steps: list[dict] = []  # every logged step, saved with each checkpoint
-            self.last: dict = {}
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -104,67 +97,47 @@ def make_bridge(cfg, reporter: Reporter, model, tokenizer, eval_data, common: di
                 row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
                 self.steps.append(row)
                 self.epoch_logs.append(row)
+                session.note(step=state.global_step, train_loss=float(logs["loss"]), epoch=state.epoch or 0)
                 guard.check(state.global_step, float(logs["loss"]), float(logs.get("grad_norm", 0.0)))
 
         def on_save(self, args, state, control, **kwargs):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            final = state.global_step >= state.max_steps
-            metrics, preds = eval_data.validation.evaluate(model, tokenizer, quick=not final)
-            if final:
-                metrics.update(eval_data.test_metrics(model, tokenizer))
             means = {k.replace("/", "_"): _mean([r.get(k) for r in self.epoch_logs]) for k in ("loss", *log_keys)}
-            # every logged step of this epoch (loss, grad norm, each reward component): the
-            # driver's MLflow tracker logs them at their global step (sweeps/tracking.py)
-            metrics["step_log"] = [{k: v for k, v in r.items() if k == "step" or k in ("loss", "grad_norm", *log_keys)}
-                                   for r in self.epoch_logs]
-            metrics.update(common, **means, train_loss=means["loss"], epoch=int(round(state.epoch or 0)),
-                           step=state.global_step, total_steps=state.max_steps,
-                           trial_seconds=time.time() - t_start, final=final,
-                           trial_status=STATUS_COMPLETED if final else "running")
-            (ckpt / "guard.json").write_text(json.dumps([guard.first, guard.ema]))
-            (ckpt / "log_history.json").write_text(json.dumps(self.steps))
-            if final:
-                (ckpt / "predictions.json").write_text(json.dumps([asdict(p) for p in preds[:200]]))
-                # not config.json: the Trainer resumes by reading that name as a model config
-                # (the trial's "dtype": "auto" is not a torch dtype)
-                (ckpt / "trial_config.json").write_text(json.dumps(asdict(cfg), default=str))
-            self.epoch_logs = []
-            self.last = metrics
-            reporter.report(metrics, str(ckpt))
+            # every logged step since the last report (loss, grad norm, each reward component): the
+            # driver's MLflow tracker logs them at their global step
+            step_log = [{k: v for k, v in r.items() if k == "step" or k in ("loss", "grad_norm", *log_keys)}
+                        for r in self.epoch_logs]
+
+            def save(path: Path) -> None:
+                shutil.copytree(ckpt, path, dirs_exist_ok=True)
+                (path / "guard.json").write_text(json.dumps([guard.first, guard.ema]))
+                (path / "log_history.json").write_text(json.dumps(self.steps))
+
+            reported = session.end_epoch(
+                int(round(state.epoch or 0)), state.global_step >= state.max_steps, model, tokenizer, save=save,
+                extra={**means, "step_log": step_log, "train_loss": means["loss"], "step": state.global_step,
+                       "total_steps": state.max_steps})
+            if reported is not None:
+                self.epoch_logs = []
 
     return Bridge()
 
 
-def run_trainer(cfg, reporter: Reporter, build: Callable[[Any, Any, str], Any], log_keys: tuple[str, ...],
-                eval_data=None, adapter_out: str | None = None,
+def run_trainer(cfg, session, build: Callable[[Any, Any, str], Any], log_keys: tuple[str, ...],
                 warm_start: Callable[[Any, Any], dict] | None = None) -> dict:
-    """Load the model, attach the adapters, ``build(model, tokenizer, out_dir)`` a TRL trainer,
-    train with the bridge (resuming from the reporter's checkpoint), return the final metrics.
+    """Attach the adapters, ``build(model, tokenizer, out_dir)`` a TRL trainer, train with the
+    bridge (resuming from the session's checkpoint), return the final metrics.
 
     ``warm_start(model, tokenizer)``: trains the fresh adapters before the trainer is built
-    (not on resume: the checkpoint holds its effect) and returns metrics that every report of
+    (not on resume: the checkpoint holds its effect) and returns figures that every report of
     the run carries."""
-    import torch
+    from trainables.adapters import adapted_model
 
-    from trainables.evaluation import default_eval_data
-    from trainables.lora.loop import attach_lora, standard_lora_parameters, trainable_parameters
-    from trainables.models import load_model, num_layers
-
-    set_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    t_start = time.time()
-    device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype)
-    cfg.layer_range(num_layers(model))  # fail fast on a bad range
-    model = attach_lora(model, cfg)
-    if eval_data is None:
-        eval_data = default_eval_data(cfg.model, device, cfg.dtype)
+    model, tokenizer, _ = adapted_model(cfg, session, checkpointing=False)
     guard = DivergenceGuard()
-    common = {"trainable_params": trainable_parameters(model),
-              "standard_lora_params": standard_lora_parameters(model, cfg), "started_at": t_start}
     out_dir = tempfile.mkdtemp(prefix=f"{type(cfg).__name__.lower()}-")
-    bridge = make_bridge(cfg, reporter, model, tokenizer, eval_data, common, t_start, guard, log_keys)
-    resume = reporter.restore()
+    bridge = make_bridge(session, model, tokenizer, guard, log_keys)
+    resume = session.restore()
     if resume and not Path(resume, "trainer_state.json").is_file():
         print(f"checkpoint in {resume} has no trainer_state.json; restarting the trial from scratch", flush=True)
         resume = None
@@ -177,24 +150,15 @@ def run_trainer(cfg, reporter: Reporter, build: Callable[[Any, Any, str], Any], 
         print(f"resuming from {resume}", flush=True)
     try:
         if warm_start is not None and not resume:
-            common.update(warm_start(model, tokenizer))
+            session.common.update(warm_start(model, tokenizer))
         trainer = build(model, tokenizer, out_dir)
         trainer.add_callback(bridge)
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # disable_tqdm adds it: one dict per step on stdout
         trainer.train(resume_from_checkpoint=resume)
-        metrics = bridge.last
-        if adapter_out:
-            model.save_pretrained(adapter_out)
-    except Diverged as e:
-        print(f"diverged: {e}", flush=True)
-        losses = [r["loss"] for r in bridge.steps if "loss" in r]
-        metrics = {**common, "objective": DIVERGED_OBJECTIVE, "efficacy": 0.0, "generalization": 0.0,
-                   "locality": 0.0, "train_loss": losses[-1] if losses else float("nan"),
-                   "step": len(bridge.steps), "trial_seconds": time.time() - t_start, "final": True,
-                   "trial_status": STATUS_DIVERGED, "diverged_reason": str(e)}
-        reporter.report(metrics, None)
+        if session.weights_out:
+            model.save_pretrained(session.weights_out)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
-    return metrics
+    return session.last

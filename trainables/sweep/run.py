@@ -22,6 +22,11 @@ from trainables.sweep.checks import (
     resolve_model_path,
 )
 from trainables.sweep.methods import Method
+from trainables.trial import TrialContext
+
+# The sweep's TrialContext, written beside Ray's experiment state: what --resume and
+# --warm-start read back.
+CONTEXT_FILE = "trial_context.json"
 
 @dataclass
 class Setup:
@@ -38,6 +43,7 @@ class Setup:
     allow_weak: bool
     sandbox_tags: dict = field(default_factory=dict)
     start: list = field(default_factory=list)  # --start-from: (file, params, left to the sampler)
+    seed: int = 0
 
 
 @dataclass
@@ -49,6 +55,14 @@ class Slots:
     workers: int
     trial_resources: dict
     concurrent: int
+
+
+def one_model(flag: str | None, named: str | None, where: str) -> str:
+    """The one model a run trains: ``--model``, or the one a config file or a resumed sweep
+    names; both, and different, is refused in one line."""
+    if flag and named and flag != named:
+        raise UsageError(f"--model {flag} but {where} trains {named}: drop --model or pass --model {named}")
+    return flag or named or "testbed"
 
 
 def has_snapshot(experiment: Path) -> bool:
@@ -78,9 +92,18 @@ def check_inputs(method: Method, args) -> Setup:
         print(f"--resume: sweep {args.name!r} stopped before its first snapshot; starting it again",
               file=sys.stderr, flush=True)
         args.resume = False
-    rerun_config, provenance = (load_config_file(args.config, method) if args.config else (None, {}))
-    dataset = check_dataset(args.dataset, args.skip_bad)
-    model = (rerun_config or {}).get("model", args.model)
+    rerun_config, provenance, settings = None, {}, {}
+    if args.config:
+        from trainables.trial import split_config
+
+        file_config, provenance = load_config_file(args.config, method)
+        rerun_config, settings = split_config(file_config)
+    stored = TrialContext.load(storage / args.name / CONTEXT_FILE) if args.resume else None
+    if stored is not None:  # a resumed sweep trains what it was started with
+        settings = stored.settings()
+    model = one_model(args.model, settings.get("model"), "--config " + str(args.config) if args.config
+                      else f"sweep {args.name!r}")
+    dataset = check_dataset(args.dataset, args.skip_bad) or settings.get("dataset")
     n_layers = check_model(model)
     method.prepare_model(model)  # e.g. the editing methods' statement testbed, built once here
     if rerun_config is not None:
@@ -90,6 +113,14 @@ def check_inputs(method: Method, args) -> Setup:
             config_from_dict(method.config_cls, {**method.fixed, **rerun_config}).layer_range(n_layers)
         except (TypeError, ValueError) as e:
             raise UsageError(f"--config {args.config}: {e}") from None
+    if args.workers_per_trial > 1 and not method.ddp:
+        raise UsageError(f"{method.name} runs one worker per trial: use --workers-per-trial 1")
+    gpus = args.gpus_per_trial or 0
+    if args.workers_per_trial > 1 and 0 < gpus < 1:
+        # Ray Train would pack the ranks onto one GPU, and NCCL stops with "Duplicate GPU detected"
+        raise UsageError(f"--workers-per-trial {args.workers_per_trial} with --gpus-per-trial {gpus:g} would put two "
+                         f"ranks of one trial on one GPU, which NCCL refuses: give each rank a whole GPU "
+                         f"(--gpus-per-trial 1)")
     kind = "-rerun" if rerun_config is not None else ""
     name = args.name or f"{method.name}{kind}-{datetime.now():%Y%m%d-%H%M%S}"
     # A folder without a snapshot (killed in its first seconds) may be started again.
@@ -105,7 +136,7 @@ def check_inputs(method: Method, args) -> Setup:
     if args.start_from and (args.resume or args.config):
         raise UsageError(f"--start-from starts a new search: not with {'--resume' if args.resume else '--config'}")
     for path in args.start_from:
-        from trainables.sweep.searcher import start_params
+        from search_spaces.derived import start_params
 
         try:
             params, left = start_params(load_config_file(path, method, "--start-from")[0], method, n_layers,
@@ -117,7 +148,7 @@ def check_inputs(method: Method, args) -> Setup:
         start.append((path, params, left))
     allow_weak = bool(getattr(args, "allow_weak_sandbox", False))
     setup = Setup(home, storage, name, model, n_layers, dataset, rerun_config, provenance, allow_weak,
-                  check_sandbox(method, allow_weak), start)
+                  check_sandbox(method, allow_weak), start, int(settings.get("seed", args.seed)))
     if not args.address:
         import ray
 
@@ -188,23 +219,17 @@ def plan_slots(args, resources: dict) -> Slots:
     return Slots(cpus, gpus, workers, trial_resources, args.max_concurrent or max(1, slots))
 
 
-def trial_constants(method: Method, args, setup: Setup, slots: Slots) -> dict:
-    """What every trial of the sweep gets besides the searched values."""
-    fixed = {**method.fixed, "model": setup.model, "threads": slots.cpus, "workers": slots.workers,
-             "use_gpu": slots.gpus > 0, "seed": args.seed, "_storage_path": str(setup.storage)}
-    if setup.dataset:
-        fixed["dataset"] = setup.dataset
-    # The frozen base model's states, shared by this sweep's trials (trainables/lora/frozen.py);
-    # removed when the sweep finishes.
-    fixed["_frozen_cache"] = str(setup.storage / setup.name / "frozen-states")
-    fixed["dtype"] = args.dtype
-    fixed["gradient_checkpointing"] = args.gradient_checkpointing
-    fixed["_state_cache_gb"] = args.state_cache_gb
-    if slots.workers > 1:
-        fixed["_gpus_per_worker"] = slots.gpus
-    if setup.allow_weak:
-        fixed["_allow_weak_sandbox"] = True
-    return fixed
+def trial_context(method: Method, args, setup: Setup, slots: Slots, eval_epochs) -> TrialContext:
+    """What every trial of the sweep gets besides its searched parameters."""
+    return TrialContext(
+        model=setup.model, dataset=setup.dataset, n_layers=setup.n_layers, seed=setup.seed, threads=slots.cpus,
+        workers=slots.workers, use_gpu=slots.gpus > 0, gpus_per_worker=slots.gpus if slots.workers > 1 else 0.0,
+        dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
+        eval_epochs=None if eval_epochs is None else tuple(eval_epochs),
+        # the frozen base model's states, shared by this sweep's trials (trainables/lora/frozen.py);
+        # removed when the sweep finishes
+        frozen_cache=str(setup.storage / setup.name / "frozen-states"), state_cache_gb=args.state_cache_gb,
+        allow_weak_sandbox=setup.allow_weak, storage=str(setup.storage))
 
 
 def make_references(model: str, slots: Slots, dtype: str, progress_too: bool) -> float | None:
@@ -220,63 +245,6 @@ def make_references(model: str, slots: Slots, dtype: str, progress_too: bool) ->
 
     task = ray.remote(num_gpus=min(1.0, slots.gpus), num_cpus=min(1, slots.cpus))(references)
     return ray.get(task.remote(model, "cuda", dtype, progress_too))
-
-
-# --------------------------------------------------------------------------- trial wrappers
-def sandbox_policy(fn):
-    """Wrap a Tune function trainable: the trial's process follows --allow-weak-sandbox, which
-    reaches it in the config (``_allow_weak_sandbox``)."""
-
-    def trial(config):
-        from trainables.sandbox import allow_weak_containment
-
-        allow_weak_containment(bool(config.get("_allow_weak_sandbox")))
-        return fn(config)
-
-    trial.__name__ = getattr(fn, "__name__", "trial")
-    trial.__doc__ = fn.__doc__
-    return trial
-
-
-def _is_oom(e: BaseException) -> bool:
-    """torch.OutOfMemoryError (= torch.cuda.OutOfMemoryError), also when wrapped by another error."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if type(e).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def oom_guard(fn):
-    """Wrap a Tune function trainable: a trial that runs out of GPU memory ends as a finished
-    trial with ``trial_status = failed``, its ``failure_reason`` and ``objective = OOM_OBJECTIVE``
-    instead of an error. Tune then does not retry it (an OOM repeats for the same config on the
-    same GPU: retries would only burn GPU time), MLflow records why, and Optuna is told the
-    penalised value, so TPE learns to avoid that corner (a FAIL state is ignored by TPE)."""
-
-    def trial(config):
-        t0 = time.time()
-        try:
-            return fn(config)
-        except Exception as e:  # noqa: BLE001 - everything but an OOM is re-raised
-            if not _is_oom(e):
-                raise
-            from ray import tune
-
-            from trainables.common import with_progress
-            from trainables.objective import OOM_OBJECTIVE
-
-            reason = f"{type(e).__module__}.{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            print(f"trial ran out of memory, recorded as failed: {reason}", flush=True)
-            tune.report(with_progress({"objective": OOM_OBJECTIVE, "efficacy": 0.0, "generalization": 0.0,
-                                       "locality": 0.0, "trial_status": STATUS_FAILED, "failure_reason": reason,
-                                       "final": True, "trial_seconds": time.time() - t0}))
-
-    trial.__name__ = getattr(fn, "__name__", "trial")
-    trial.__doc__ = fn.__doc__
-    return trial
 
 
 def _trial_dirname(trial) -> str:
@@ -302,7 +270,6 @@ def run(method: Method, args) -> int:
     tracking_uri = args.tracking_uri or tracking_uri
     client = tracking.retry_locked(tracking.client_for, tracking_uri)
     exp_id = tracking.retry_locked(tracking.experiment_id, client, method.name, artifact_root)
-    fixed = trial_constants(method, args, setup, slots)
     if method.stall_rule:  # the LoRA methods are the ones that store states
         from trainables.lora.frozen import describe_estimate
 
@@ -313,56 +280,29 @@ def run(method: Method, args) -> int:
 
     from ray import tune
 
-    fn = sandbox_policy(method.trainable) if method.sandboxed else method.trainable
-    trainable = tune.with_resources(oom_guard(fn), slots.trial_resources)
+    from trainables.sweep.scheduler import asha_rungs
+    from trainables.trial import tune_trial
+
+    max_epochs = 1 if args.smoke_test else args.max_epochs
+    # rungs: where ASHA decides; the multi-objective searcher reads final results only
+    ctx = trial_context(method, args, setup, slots, [] if args.multi_objective else asha_rungs(max_epochs))
+    trainable = tune.with_resources(tune.with_parameters(tune_trial, method=method, ctx=ctx), slots.trial_resources)
     if setup.rerun_config is not None:
-        # The exported config wins, except where this machine's resources are concerned.
-        here = {k: fixed[k] for k in ("threads", "workers", "use_gpu", "dtype", "gradient_checkpointing",
-                                      "_storage_path", "_allow_weak_sandbox") if k in fixed}
-        return rerun(method, args, setup, {**method.fixed, **setup.rerun_config, **here}, trainable,
-                     tracking_uri, artifact_root)
+        return rerun(method, args, setup, ctx, trainable, tracking_uri, artifact_root)
+    (setup.storage / setup.name).mkdir(parents=True, exist_ok=True)
+    ctx.save(setup.storage / setup.name / CONTEXT_FILE)
 
     parent_id = tracking.open_parent(client, exp_id, setup.name, method.name, {
-        "num_samples": args.num_samples, "model": setup.model, "dataset": args.dataset or "data/",
-        "skip_bad": args.skip_bad, "seed": args.seed, "cpus_per_trial": slots.cpus, "gpus_per_trial": slots.gpus,
+        "num_samples": args.num_samples, "model": setup.model, "dataset": setup.dataset or "data/",
+        "skip_bad": args.skip_bad, "seed": setup.seed, "cpus_per_trial": slots.cpus, "gpus_per_trial": slots.gpus,
         "workers_per_trial": slots.workers, "max_epochs": args.max_epochs, "multi_objective": args.multi_objective,
         "smoke_test": args.smoke_test, "lockstep": not args.asynchronous, "warm_start": args.warm_start or "",
         "start_from": ", ".join(path for path, _, _ in setup.start)})
     tracker = tracking.MlflowTracker(tracking_uri, artifact_root, method.name, setup.name, parent_id,
-                                     extra_tags=setup.sandbox_tags)
-
-    max_epochs = 1 if args.smoke_test else args.max_epochs
+                                     extra_tags=setup.sandbox_tags, context=ctx.settings())
     num_samples = 2 if args.smoke_test else args.num_samples
-    if args.multi_objective:
-        metric, mode, scheduler = ["efficacy", "locality"], ["max", "max"], None
-        fixed["_eval_epochs"] = []  # the searcher reads final results only
-    else:
-        from trainables.sweep.scheduler import asha_rungs, make_scheduler
-
-        metric, mode = "objective", "max"
-        # --stop-stalled: trials that have not improved on the untrained model by the first rung
-        # stop there; for methods scored by data/'s `progress`
-        floor = None
-        if stall:
-            from trainables.objective import STALL_DELTA
-
-            floor = base_progress + STALL_DELTA
-        scheduler = make_scheduler(floor, max_epochs, mode, lag=None if args.asynchronous else slots.concurrent)
-        fixed["_eval_epochs"] = asha_rungs(max_epochs)
-    from trainables.sweep.searcher import make_searcher, warm_start_points
-
-    warm = []
-    if args.warm_start and not args.resume:  # a resumed study already holds them
-        warm, skipped = warm_start_points(setup.storage / args.warm_start, method, setup.model, setup.n_layers,
-                                          max_epochs, args.multi_objective)
-        print(f"warm start: {len(warm)} finished trials of sweep {args.warm_start!r}"
-              + (f" ({skipped} left out: sampled on another search space)" if skipped else ""), flush=True)
-    for path, params, left in setup.start:
-        print(f"start from {path}: a first trial with {len(params)} of its parameters fixed"
-              + (f", the sampler draws {', '.join(left)}" if left else ""), flush=True)
-    searcher = make_searcher(method, setup.n_layers, max_epochs, metric, mode, args.seed, slots.concurrent,
-                             lockstep_total=None if args.asynchronous else num_samples, warm_start=warm,
-                             start=[params for _, params, _ in setup.start])
+    metric, mode, scheduler = search_policy(args, slots, max_epochs, base_progress if stall else None)
+    searcher = searcher_for(method, args, setup, slots, max_epochs, metric, mode, num_samples)
     run_config = tune.RunConfig(
         name=setup.name, storage_path=str(setup.storage), callbacks=[tracker],
         failure_config=tune.FailureConfig(max_failures=args.max_failures),
@@ -370,6 +310,7 @@ def run(method: Method, args) -> int:
         verbose=1,
     )
     t0 = time.time()
+    fixed = dict(method.fixed)  # a trial's config: these and what the search chose
     if args.resume:
         tuner = tune.Tuner.restore(str(setup.storage / setup.name), trainable=trainable, resume_errored=True,
                                    param_space=fixed)
@@ -384,6 +325,42 @@ def run(method: Method, args) -> int:
           flush=True)
     results = tuner.fit()
     return finish(method, setup, results, metric, args.multi_objective, client, parent_id, tracker, time.time() - t0)
+
+
+def search_policy(args, slots: Slots, max_epochs: int, base_progress: float | None):
+    """(metric, mode, scheduler): the efficacy / locality Pareto front without early stopping,
+    or the objective under ASHA; with ``base_progress`` (--stop-stalled), trials that have not
+    improved on the untrained model by the first rung stop there."""
+    if args.multi_objective:
+        return ["efficacy", "locality"], ["max", "max"], None
+    from trainables.sweep.scheduler import make_scheduler
+
+    floor = None
+    if base_progress is not None:
+        from trainables.objective import STALL_DELTA
+
+        floor = base_progress + STALL_DELTA
+    return "objective", "max", make_scheduler(floor, max_epochs, "max",
+                                              lag=None if args.asynchronous else slots.concurrent)
+
+
+def searcher_for(method: Method, args, setup: Setup, slots: Slots, max_epochs: int, metric, mode, num_samples: int):
+    """The seeded TPE searcher, with an earlier sweep's trials (--warm-start) and first trials
+    (--start-from)."""
+    from trainables.sweep.searcher import make_searcher, warm_start_points
+
+    warm = []
+    if args.warm_start and not args.resume:  # a resumed study already holds them
+        warm, skipped = warm_start_points(setup.storage / args.warm_start, method, setup.model, setup.n_layers,
+                                          max_epochs, args.multi_objective)
+        print(f"warm start: {len(warm)} finished trials of sweep {args.warm_start!r}"
+              + (f" ({skipped} left out: sampled on another search space)" if skipped else ""), flush=True)
+    for path, params, left in setup.start:
+        print(f"start from {path}: a first trial with {len(params)} of its parameters fixed"
+              + (f", the sampler draws {', '.join(left)}" if left else ""), flush=True)
+    return make_searcher(method, setup.n_layers, max_epochs, metric, mode, setup.seed, slots.concurrent,
+                         lockstep_total=None if args.asynchronous else num_samples, warm_start=warm,
+                         start=[params for _, params, _ in setup.start])
 
 
 def finish(method: Method, setup: Setup, results, metric, multi_objective: bool, client, parent_id: str, tracker,
@@ -422,7 +399,8 @@ def first_failure(results) -> str:
     return "see each trial's failure_reason in MLflow"
 
 
-def rerun(method: Method, args, setup: Setup, config: dict, trainable, tracking_uri: str, artifact_root: str) -> int:
+def rerun(method: Method, args, setup: Setup, ctx: TrialContext, trainable, tracking_uri: str,
+          artifact_root: str) -> int:
     """One trial of an exported config (``--config``), tracked as its own run."""
     from ray import tune
 
@@ -432,8 +410,9 @@ def rerun(method: Method, args, setup: Setup, config: dict, trainable, tracking_
     tags = {"rerun_of_sweep": str(setup.provenance.get("sweep", "")),
             "rerun_of_trial": str(setup.provenance.get("trial_id", "")),
             "rerun_config": args.config, **setup.sandbox_tags}
-    tracker = MlflowTracker(tracking_uri, artifact_root, method.name, setup.name, None, extra_tags=tags)
-    tuner = tune.Tuner(trainable, param_space=config,
+    tracker = MlflowTracker(tracking_uri, artifact_root, method.name, setup.name, None, extra_tags=tags,
+                            context=ctx.settings())
+    tuner = tune.Tuner(trainable, param_space={**method.fixed, **setup.rerun_config},
                        tune_config=tune.TuneConfig(num_samples=1, trial_dirname_creator=_trial_dirname),
                        run_config=tune.RunConfig(name=setup.name, storage_path=str(setup.storage), callbacks=[tracker],
                                                  failure_config=tune.FailureConfig(max_failures=args.max_failures),

@@ -67,12 +67,20 @@ def client_for(tracking_uri: str):
     return client
 
 
+# MLflow 3's UI opens an experiment in the view its kind names; without the tag it guesses the
+# GenAI view (traces, judges), where a sweep's training runs are a click away.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(client, name: str, artifact_root: str | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        for key, value in EXPERIMENT_KIND.items():
+            if exp.tags.get(key) is None:  # a kind the user chose stays
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     kwargs = {"artifact_location": f"{artifact_root}/{name}"} if artifact_root else {}
-    return client.create_experiment(name, **kwargs)
+    return client.create_experiment(name, tags=EXPERIMENT_KIND, **kwargs)
 
 
 def find_parent(client, exp_id: str, sweep: str):
@@ -121,10 +129,12 @@ def _params(config: dict) -> dict[str, str]:
 
 class MlflowTracker(Callback):
     def __init__(self, tracking_uri: str, artifact_root: str, method: str, sweep: str,
-                 parent_run_id: str | None, extra_tags: dict | None = None):
+                 parent_run_id: str | None, extra_tags: dict | None = None, context: dict | None = None):
         self.tracking_uri, self.artifact_root = tracking_uri, artifact_root
         self.method, self.sweep, self.parent_run_id = method, sweep, parent_run_id
         self.extra_tags = extra_tags or {}
+        # the trials' shared settings (model, dataset, seed, ...): params of every trial's run
+        self.context = context or {}
         self._client = None
         self._exp_id: str | None = None
         self._runs: dict[str, str] = {}  # trial_id -> run_id
@@ -169,7 +179,7 @@ class MlflowTracker(Callback):
             from mlflow.entities import Param
 
             self._retry(client.log_batch, run_id,
-                        params=[Param(k, v) for k, v in _params(trial.config).items()])
+                        params=[Param(k, v) for k, v in _params({**self.context, **trial.config}).items()])
         self._runs[tid] = run_id
         return run_id
 
