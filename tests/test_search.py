@@ -226,6 +226,24 @@ def test_pruned_aware_search_tells_a_stopped_trial_pruned_and_the_floor_as_a_con
     assert pareto._ot_study.trials[0].state == TrialState.COMPLETE and pareto._ot_study.trials[0].constraints == {}
 
 
+def test_an_out_of_memory_beside_another_trial_teaches_tpe_nothing_and_alone_it_teaches_the_penalty():
+    from optuna.trial import TrialState
+
+    from trainables.trial import out_of_memory
+
+    oom = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    shared, alone = out_of_memory(oom, 1.0, shared=True), out_of_memory(oom, 1.0)
+    assert shared["trial_status"] == alone["trial_status"] == "failed"
+    assert "sharing its GPU" in shared["failure_reason"] and "sharing" not in alone["failure_reason"]
+    search = _optuna_search(constrained=True)
+    assert search.suggest("packed") and search.suggest("alone")
+    search.on_trial_complete("packed", shared)
+    search.on_trial_complete("alone", alone)
+    packed, single = search._ot_study.trials
+    assert packed.state == TrialState.FAIL
+    assert single.state == TrialState.COMPLETE and single.value == alone["objective"] == -10.0
+
+
 def test_pruned_aware_search_adopts_a_trial_it_never_suggested():
     from optuna.trial import TrialState
 

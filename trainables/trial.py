@@ -42,6 +42,7 @@ class TrialContext:
     workers: int = 1  # > 1: DDP through a Ray Train TorchTrainer
     use_gpu: bool = False
     gpus_per_worker: float = 0.0  # each DDP worker's share of a GPU
+    gpu_share: float = 0.0  # the GPU share of a one-worker trial: < 1 packs trials onto one GPU
     dtype: str = "auto"  # auto: bf16 on a GPU that has it, fp32 on the CPU
     gradient_checkpointing: bool = False
     # Epochs (or editing phases) after which a trial evaluates and reports besides its last:
@@ -309,7 +310,7 @@ def tune_trial(config: dict, method: Method, ctx: TrialContext) -> None:
             raise
         from ray import tune
 
-        tune.report(out_of_memory(e, time.time() - t0))
+        tune.report(out_of_memory(e, time.time() - t0, shared=0 < ctx.gpu_share < 1))
 
 
 def sandbox_policy(ctx: TrialContext) -> None:
@@ -337,15 +338,18 @@ def is_oom(e: BaseException | None) -> bool:
     return False
 
 
-def out_of_memory(e: BaseException, seconds: float) -> dict:
+def out_of_memory(e: BaseException, seconds: float, shared: bool = False) -> dict:
     """The result of a trial that ran out of accelerator memory: a finished trial with
-    ``trial_status = failed``, its reason and ``OOM_OBJECTIVE``, not an error. Tune then does
-    not retry it (the same config runs out of memory again on the same GPU), MLflow records why,
-    and TPE is told the penalised value (it ignores a FAIL state), so it learns to avoid that
-    corner."""
+    ``trial_status = failed`` and its reason, not an error, so Tune does not retry it and MLflow
+    records why. Alone on its device, the config itself needs too much memory: objective
+    ``OOM_OBJECTIVE``, which TPE is told (it ignores a FAIL state), so it learns to avoid that
+    corner. ``shared`` (packed beside another trial on one GPU): the neighbour may have filled
+    the memory, so the result is marked a failure of the packing and the searcher tells TPE
+    nothing of it."""
     reason = f"{type(e).__module__}.{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if shared:
+        reason = f"out of memory while sharing its GPU (a failure of the packing, not of the config): {reason}"
     print(f"trial ran out of memory, recorded as failed: {reason}", flush=True)
     return with_progress({"objective": OOM_OBJECTIVE, "efficacy": 0.0, "generalization": 0.0, "locality": 0.0,
                           "trial_status": STATUS_FAILED, "failure_reason": reason, "final": True,
-                          "trial_seconds": seconds})
-
+                          "trial_seconds": seconds, **({"packing_failure": True} if shared else {})})

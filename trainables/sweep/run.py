@@ -224,6 +224,7 @@ def trial_context(method: Method, args, setup: Setup, slots: Slots, eval_epochs)
     return TrialContext(
         model=setup.model, dataset=setup.dataset, n_layers=setup.n_layers, seed=setup.seed, threads=slots.cpus,
         workers=slots.workers, use_gpu=slots.gpus > 0, gpus_per_worker=slots.gpus if slots.workers > 1 else 0.0,
+        gpu_share=slots.gpus if slots.workers == 1 else 0.0,
         dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
         eval_epochs=None if eval_epochs is None else tuple(eval_epochs),
         # the frozen base model's states, shared by this sweep's trials (trainables/lora/frozen.py);

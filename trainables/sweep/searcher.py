@@ -105,6 +105,12 @@ class PrunedAwareOptunaSearch(OptunaSearch):
             if result and not error:
                 self._retell(trial_id, result)
             return
+        if result and result.get("packing_failure"):
+            # out of memory beside another trial on its GPU: the packing failed, not the config,
+            # so TPE (which ignores FAIL) learns nothing from it
+            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.FAIL)
+            self._completed_trials.add(trial_id)
+            return
         if (not error and result and not isinstance(self.metric, list) and not result.get("final")
                 and trial_id not in self._completed_trials):
             self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
