@@ -122,3 +122,34 @@ def test_policy_methods_import_nothing_from_the_lora_loop():
                      else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
             found += [f"{path.name}: {n}" for n in names if n.startswith("trainables.lora")]
     assert not found, found
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_an_untouched_adapter_keeps_locality_and_specificity_exactly_in_every_dtype(dtype, small_testbed):
+    """The references and the trials score through one path: an adapter at initialisation (B = 0)
+    changes no token of the base model's completions, whatever the precision."""
+    from trainables.adapters import attach_lora
+    from trainables.evaluation import default_eval_data
+    from trainables.lora.loop import LoraTrainConfig
+    from trainables.models import load_model
+
+    model, tok = load_model("testbed", device="cpu", dtype=dtype)
+    model = attach_lora(model, LoraTrainConfig(hierarchical=True, layer_start=2, layer_end=4, target="all"))
+    metrics, _ = default_eval_data("testbed", "cpu", dtype).validation.evaluate(model, tok)
+    assert metrics["locality"] == 1.0 and metrics.get("specificity", 1.0) == 1.0, metrics
+
+
+def test_a_snippets_figures_do_not_depend_on_what_is_scored_beside_it(small_testbed, fixture_data):
+    """Batched with other groups' pairs, each group scores as it does alone (bf16 rounds by
+    batch shape): what lets a trial's evaluation agree with references made on the snippets alone."""
+    from trainables.evaluation import score_lines
+    from trainables.models import load_model
+
+    migrations, locality = fixture_data
+    model, tok = load_model("testbed", device="cpu", dtype="bf16")
+    snippets = [(s.prompt, s.completion) for s in locality]
+    contexts = [(c.prompt, c.new) for m in migrations for c in m.train_contexts + m.probe_contexts]
+    alone = score_lines(model, tok, snippets, batch_size=8, argmax=True)
+    mixed = score_lines(model, tok, contexts + snippets, batch_size=8, argmax=True,
+                        groups=[0] * len(contexts) + [1] * len(snippets))
+    assert mixed[len(contexts):] == alone

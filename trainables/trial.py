@@ -162,7 +162,14 @@ class Session:
 
     # ---------------------------------------------------------------- reports
     def evaluate(self, model, tokenizer, final: bool, start_states=None, eval_data=None) -> tuple[dict, list]:
-        """The validation split (what the search reads); at the final report the test split too."""
+        """The validation split (what the search reads); at the final report the test split too.
+        ``start_states`` (the frozen lower layers' states) only in fp32: in bf16 / fp16 states
+        computed in other batches round differently from the full pass that made the base
+        model's references, and an unchanged model would lose locality at near-ties."""
+        from trainables.models import resolve_dtype
+
+        if resolve_dtype(self.ctx.dtype, self.device) != "fp32":
+            start_states = None
         data = eval_data or self.eval_data
         metrics, preds = data.validation.evaluate(model, tokenizer, quick=not final, start_states=start_states)
         if final:

@@ -167,9 +167,12 @@ def _prove(model, tokenizer, items, prompts, heads, expected, refs, batch_size, 
     # or stalled model: most of them) need not be decoded either
     olds = [i for i, (kind, _, _) in enumerate(items) if kind in ("train", "probe")]
     scored = checks + olds
+    # each snippet set is batched alone, as its reference (references.base_argmax) was
+    group = {"locality": 1, "specificity": 2}
     scores = score_lines(model, tokenizer, [(prompts[i], expected[i]) for i in checks]
                          + [(prompts[i], items[i][2].old[len(heads[i]):]) for i in olds], batch_size, max_new_tokens,
-                         start_states, heads=[heads[i] for i in scored], argmax=True)
+                         start_states, heads=[heads[i] for i in scored], argmax=True,
+                         groups=[group.get(items[i][0], 0) for i in scored])
     completions: list[str | None] = [None] * len(items)
     new_lp, old_lp = {}, {}
     agreement: dict[int, float] = {}  # per snippet: token-level agreement with the base model

@@ -29,7 +29,7 @@ def _trunk(model):
 
 def score_lines(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 96,
                 max_new_tokens: int = MAX_NEW_TOKENS, start_states=None,
-                heads: list[str] | None = None, argmax: bool = False) -> list[tuple]:
+                heads: list[str] | None = None, argmax: bool = False, groups: list[int] | None = None) -> list[tuple]:
     """For each (prompt, line), teacher forced in one batched pass: the summed log-probability
     of the line's tokens after the prompt (prompt and line tokenized apart, as in pretraining
     and generation), and whether :func:`decoding.generate` provably completes the prompt with
@@ -48,6 +48,12 @@ def score_lines(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int 
     ``argmax``: also return, per pair, the model's argmax at each position read (before each
     line token, then after the line; the first one restricted as decoding restricts it) and
     whether each is the line's token (the last: a stop token), as a third and fourth element.
+
+    ``groups``: a label per pair; pairs are batched only with pairs of their own label, in the
+    order a call with that group alone would batch them. A pair's figures then do not depend on
+    what else was scored beside it: in bf16 / fp16 another batch's padding width changes the
+    rounding, and the base model's references (scored alone) would disagree with an unchanged
+    model at near-ties.
 
     ``start_states``: for a model whose layers below some k are the base model's (hierarchical
     LoRA, merged), a function from the token sequences (prompt + line) to (k, the base model's
@@ -75,13 +81,16 @@ def score_lines(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int 
                          and tokenizer.decode(c, skip_special_tokens=True) == lead + line)
     not_line_start = ~line_start_mask(tokenizer).to(device) if any(at_start) else None
     start = start_states([p + c for p, c in enc]) if trunk is not None and start_states is not None else None
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))
+    groups = groups or [0] * len(enc)
+    batches = []
+    for g in dict.fromkeys(groups):
+        order = sorted((i for i in range(len(enc)) if groups[i] == g), key=lambda i: len(enc[i][0]) + len(enc[i][1]))
+        batches += [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     out: list[tuple] = [(0.0, False)] * len(enc)
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
+        for idx in batches:
             width = max(len(enc[i][0]) + len(enc[i][1]) for i in idx)
             ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
