@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from trainables.common import local_reporter
+
 
 def test_auto_is_bf16_on_a_gpu_that_has_it_and_fp32_elsewhere():
     from trainables.models import attention_for, resolve_dtype
@@ -105,3 +107,198 @@ def test_two_ranks_of_one_trial_on_one_gpu_are_refused_in_one_line(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "two ranks of one trial on one GPU" in err[0], err
     assert not (tmp_path / "m").exists()
+
+
+# --------------------------------------------------------------------------- every method in half precision
+# bf16 for every method, fp16 for the adapter methods (the editing and prompt methods do not train
+# through a loss scaler), on a tiny BOS-less Qwen2 (tests/test_models.py): the CPU runs both dtypes.
+HALF_PRECISION = [(m, "bf16") for m in ("lora", "hier_lora", "dpo", "grpo", "rome", "memit", "prompt")] + \
+                 [(m, "fp16") for m in ("lora", "hier_lora", "dpo", "grpo")]
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(small_testbed, tmp_path_factory):
+    from tests.test_models import _tiny_model
+
+    return _tiny_model("qwen2", small_testbed, tmp_path_factory.mktemp("qwen2-half"))
+
+
+@pytest.mark.parametrize("method,dtype", HALF_PRECISION, ids=[f"{m}-{d}" for m, d in HALF_PRECISION])
+def test_every_method_completes_in_half_precision(method, dtype, tiny_qwen2):
+    from tests.test_models import METHOD_SMOKE
+    from trainables.sweep.methods import METHODS
+    from trainables.trial import TrialContext, run_trial, split_config
+
+    params, settings = split_config(METHOD_SMOKE[method])
+    out = run_trial(METHODS[method], params, TrialContext(**{**settings, "model": str(tiny_qwen2), "dtype": dtype}))
+    assert out["trial_status"] == "completed", out.get("diverged_reason", out)
+    assert 0.0 <= out["locality"] <= 1.0 and out["objective"] == out["objective"]  # not NaN
+
+
+# --------------------------------------------------------------------------- the divergence guard and fp16
+def test_a_scaler_skipped_step_is_not_a_divergence_but_a_non_finite_loss_is():
+    from trainables.common import Diverged, DivergenceGuard, scaler_skipped
+
+    inf, nan = float("inf"), float("nan")
+    guard = DivergenceGuard(max_skipped=3)
+    guard.check(0, 2.0, 1.0)
+    guard.check(1, 2.1, inf, skipped=scaler_skipped(True, 2.1, inf))
+    guard.check(2, 2.0, nan, skipped=scaler_skipped(True, 2.0, nan))
+    assert guard.skipped == 2 and guard.ema is not None
+    guard.check(3, 1.9, 0.5)  # a normal step ends the run of skipped ones
+    assert guard.skipped_run == 0
+    with pytest.raises(Diverged, match="non-finite"):  # without loss scaling inf is a divergence
+        DivergenceGuard().check(0, 2.0, inf, skipped=scaler_skipped(False, 2.0, inf))
+    with pytest.raises(Diverged, match="non-finite"):  # a non-finite loss always is
+        DivergenceGuard().check(0, nan, inf, skipped=scaler_skipped(True, nan, inf))
+    with pytest.raises(Diverged, match="non-finite"):
+        DivergenceGuard().check(0, inf, 1.0, skipped=True)
+    stuck = DivergenceGuard(max_skipped=3)
+    with pytest.raises(Diverged, match="skipped 4 steps in a row"):  # the scale cannot fix these
+        for step in range(10):
+            stuck.check(step, 2.0, inf, skipped=True)
+
+
+def test_trl_fp16_inf_grad_norm_with_a_finite_loss_is_a_skipped_step_not_a_divergence():
+    from types import SimpleNamespace
+
+    from trainables.common import Diverged, DivergenceGuard
+    from trainables.policy.trl_loop import guard_logged_step, make_bridge
+
+    inf = float("inf")
+    assert guard_logged_step(DivergenceGuard(), 1, {"loss": 0.69, "grad_norm": inf}, fp16=True)
+    assert guard_logged_step(DivergenceGuard(), 1, {"loss": 0.69, "grad_norm": float("nan")}, fp16=True)
+    assert not guard_logged_step(DivergenceGuard(), 1, {"loss": 0.69, "grad_norm": 0.3}, fp16=True)
+    with pytest.raises(Diverged):  # bf16 / fp32 have no scaler: inf is a blow-up
+        guard_logged_step(DivergenceGuard(), 1, {"loss": 0.69, "grad_norm": inf}, fp16=False)
+    with pytest.raises(Diverged):
+        guard_logged_step(DivergenceGuard(), 1, {"loss": float("nan"), "grad_norm": inf}, fp16=True)
+
+    # through the callback, as the Trainer calls it: the scaler's first steps log inf
+    notes = []
+    session = SimpleNamespace(note=lambda **kw: notes.append(kw))
+    guard = DivergenceGuard()
+    bridge = make_bridge(session, None, None, guard, ())
+    state = SimpleNamespace(global_step=0, epoch=0.0)
+    for step, grad_norm in enumerate([inf, inf, 0.8, inf, 0.7], 1):
+        state.global_step, state.epoch = step, step / 5
+        bridge.on_log(SimpleNamespace(fp16=True), state, None, logs={"loss": 0.7, "grad_norm": grad_norm})
+    assert guard.skipped == 3 and len(notes) == 5
+    assert [r.get("scaler_skipped", 0) for r in bridge.steps] == [1, 1, 0, 1, 0]
+    with pytest.raises(Diverged):
+        bridge.on_log(SimpleNamespace(fp16=False), state, None, logs={"loss": 0.7, "grad_norm": inf})
+
+
+class _InfGrad(torch.autograd.Function):
+    """Identity forward; an infinite gradient backward: one fp16 overflow, loss finite."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+def _poison_step(monkeypatch, at_step: int, how: str):
+    """Make LoRA step ``at_step`` overflow its gradients (``grad``) or its loss (``loss``)."""
+    from trainables.lora.loop import LoraRun
+
+    orig = LoraRun.micro_batch_loss
+
+    def micro_batch_loss(self, idx, batch_no):
+        loss = orig(self, idx, batch_no)
+        if self.step != at_step:
+            return loss
+        return _InfGrad.apply(loss) if how == "grad" else loss * float("nan")
+
+    monkeypatch.setattr(LoraRun, "micro_batch_loss", micro_batch_loss)
+
+
+def _fp16_lora(model, **kw):
+    from trainables.lora.loop import LoraTrainConfig
+
+    base = dict(model=str(model), dtype="fp16", lr=5e-3, epochs=1, batch_size=4, target="all", r=4, threads=1,
+                warmup_ratio=0.0)
+    return LoraTrainConfig(**{**base, **kw})
+
+
+def test_an_fp16_step_the_scaler_skips_does_not_end_a_lora_trial(tiny_qwen2, monkeypatch):
+    from trainables.sweep.methods import run_one
+
+    _poison_step(monkeypatch, 1, "grad")
+    history: list[dict] = []
+    out = run_one(_fp16_lora(tiny_qwen2), local_reporter(history))
+    assert out["trial_status"] == "completed", out.get("diverged_reason")
+    assert out["scaler_skipped_steps"] == 1 and out["loss_scale"] == 2.0**15  # halved once, from 2**16
+    assert out["step"] == out["total_steps"]
+
+
+def test_an_fp16_non_finite_loss_still_diverges(tiny_qwen2, monkeypatch):
+    from trainables.sweep.methods import run_one
+
+    _poison_step(monkeypatch, 1, "loss")
+    out = run_one(_fp16_lora(tiny_qwen2), local_reporter([]))
+    assert out["trial_status"] == "diverged" and "non-finite" in out["diverged_reason"]
+
+
+def test_fp16_checkpoints_carry_the_loss_scale_and_resume(tiny_qwen2, tmp_path, monkeypatch):
+    from trainables.sweep.methods import run_one
+
+    _poison_step(monkeypatch, 0, "grad")
+    keep = tmp_path / "ckpt"
+    first: list[dict] = []
+    run_one(_fp16_lora(tiny_qwen2, epochs=1), local_reporter(first, keep_checkpoint=str(keep)))
+    assert torch.load(keep / "state.pt", weights_only=False)["scaler"]["scale"] == 2.0**15
+    monkeypatch.undo()
+    resumed: list[dict] = []
+    out = run_one(_fp16_lora(tiny_qwen2, epochs=2), local_reporter(resumed, keep_checkpoint=str(keep)))
+    assert [h["epoch"] for h in resumed] == [2] and out["trial_status"] == "completed"
+    assert out["loss_scale"] == 2.0**15  # the restored scale, not a fresh scaler's 2**16
+
+
+def test_fp32_and_bf16_lora_run_without_a_scaler(tiny_qwen2):
+    from trainables.sweep.methods import run_one
+
+    for dtype in ("fp32", "bf16"):
+        out = run_one(_fp16_lora(tiny_qwen2, dtype=dtype), local_reporter([]))
+        assert out["trial_status"] == "completed" and "loss_scale" not in out
+
+
+# --------------------------------------------------------------------------- editing in bf16
+@pytest.mark.parametrize("method", ["rome", "memit"])
+def test_editing_in_bf16_writes_finite_bf16_weights(method, tiny_qwen2, tmp_path):
+    from tests.test_models import METHOD_SMOKE
+    from trainables.models import load_model
+    from trainables.sweep.methods import METHODS
+    from trainables.trial import TrialContext, run_trial, split_config
+
+    params, settings = split_config(METHOD_SMOKE[method])
+    out_file = tmp_path / "edited.pt"
+    out = run_trial(METHODS[method], params, TrialContext(**{**settings, "model": str(tiny_qwen2), "dtype": "bf16"}),
+                    weights_out=str(out_file))
+    assert out["trial_status"] == "completed", out
+    edited = torch.load(out_file, weights_only=True)["weights"]
+    base = dict(load_model(str(tiny_qwen2), dtype="bf16")[0].named_parameters())
+    assert edited and out["delta_norm"] > 0
+    for name, w in edited.items():
+        assert w.dtype == torch.bfloat16 and torch.isfinite(w).all(), name
+    assert any(not torch.equal(w, base[name].detach()) for name, w in edited.items())
+
+
+def test_the_edit_representations_are_fp32_whatever_the_models_dtype(tiny_qwen2):
+    import importlib
+
+    from trainables.editing import compat
+    from trainables.models import load_model
+
+    compat.load()
+    reprs = compat._fp32_repr_tools(importlib.import_module("easyeditor.models.rome.repr_tools"))
+    model, tok = load_model(str(tiny_qwen2), dtype="bf16")
+    tok = compat.edit_tokenizer(tok)
+    args = dict(model=model, tok=tok, layer=1, module_template="model.layers.{}.mlp.down_proj")
+    k = reprs.get_reprs_at_idxs(contexts=["x = 1"], idxs=[[-1]], track="in", **args)
+    k_in, v_out = reprs.get_reprs_at_word_tokens(context_templates=["{} = 1"], words=["x"], subtoken="last",
+                                                 track="both", **args)
+    assert k.dtype == k_in.dtype == v_out.dtype == torch.float32

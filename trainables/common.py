@@ -35,16 +35,35 @@ class DivergenceGuard:
     over the vocabulary, from ~0.5 at the start). So a trial diverges when the loss or the
     gradient norm is non-finite, or when the smoothed loss (EMA, alpha 0.3) exceeds ``ratio`` x
     the first step's loss and that loss + ``margin`` (the margin keeps a tiny starting loss from
-    tripping it)."""
+    tripping it).
 
-    def __init__(self, ratio: float = 3.0, margin: float = 1.0):
-        self.ratio, self.margin = ratio, margin
+    fp16 loss scaling (``torch.amp.GradScaler``, the Trainer's scaler) overflows the gradients
+    on purpose now and then: the scaler skips that step's update and lowers its scale. Such a
+    step (``skipped=True``: a non-finite gradient norm, a finite loss) is not a divergence; its
+    loss still counts. Only ``max_skipped`` skipped steps in a row (the scale halved that often
+    and the gradients still overflow) are."""
+
+    def __init__(self, ratio: float = 3.0, margin: float = 1.0, max_skipped: int = 32):
+        self.ratio, self.margin, self.max_skipped = ratio, margin, max_skipped
         self.first: float | None = None
         self.ema: float | None = None
+        self.skipped = 0  # steps the loss scaler skipped, in all
+        self.skipped_run = 0  # ... in a row, up to the last step
 
-    def check(self, step: int, loss: float, grad_norm: float) -> None:
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise Diverged(f"non-finite at step {step}: loss={loss}, grad_norm={grad_norm}")
+    def check(self, step: int, loss: float, grad_norm: float, skipped: bool = False) -> None:
+        """``skipped``: the fp16 loss scaler skips this step's update (its gradients overflowed
+        at the current scale), so a non-finite ``grad_norm`` is expected; a non-finite loss
+        still diverges."""
+        if skipped and math.isfinite(loss):
+            self.skipped += 1
+            self.skipped_run += 1
+            if self.skipped_run > self.max_skipped:
+                raise Diverged(f"non-finite gradients at step {step}: the fp16 loss scaler skipped "
+                               f"{self.skipped_run} steps in a row (loss={loss}, grad_norm={grad_norm})")
+        else:
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise Diverged(f"non-finite at step {step}: loss={loss}, grad_norm={grad_norm}")
+            self.skipped_run = 0
         if self.first is None:
             self.first = loss
         self.ema = loss if self.ema is None else 0.7 * self.ema + 0.3 * loss
@@ -52,6 +71,12 @@ class DivergenceGuard:
         if step >= 2 and self.ema > limit:
             raise Diverged(f"loss exploded at step {step}: smoothed {self.ema:.3g} > {limit:.3g} "
                            f"(first step {self.first:.3g})")
+
+
+def scaler_skipped(fp16: bool, loss: float, grad_norm: float | None) -> bool:
+    """Whether a step under fp16 loss scaling was one the scaler skips: its gradient norm is
+    non-finite (the scaler's own test: a non-finite gradient) while its loss is finite."""
+    return bool(fp16 and grad_norm is not None and math.isfinite(loss) and not math.isfinite(grad_norm))
 
 
 @dataclass

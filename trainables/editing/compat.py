@@ -33,6 +33,15 @@ release that fixes one is noticed and its shim can go:
 6. ``get_context_templates`` samples prefixes with ``generate_fast`` from English starters
    ("The", "Because", ...), meaningless for a code model and a cost per process. -> the template
    caches are preset to code-comment prefixes (:data:`CONTEXT_PREFIXES`).
+7. Mixed precision: with the model in bf16 or fp16 (``--dtype``) the representations
+   ``repr_tools`` reads off the model come in that dtype while the covariance statistics, their
+   inverse and the optimised ``delta`` are fp32: ROME's ``compute_u`` multiplies the fp32 inverse
+   covariance by a bf16 key (``expected m1 and m2 to have the same dtype``) and ``compute_v``
+   takes ``torch.dot`` of a bf16 key and the fp32 left vector. -> :func:`_fp32_repr_tools` hands
+   the algorithms fp32 copies of every representation, so the statistics, the left vector, the
+   right vector and MEMIT's (float64) solve all run at full precision whatever the model's
+   dtype; the update is added into the weights in place, so they stay in the model's dtype
+   (a no-op for an fp32 model).
 """
 from __future__ import annotations
 
@@ -70,6 +79,10 @@ BREAKS = (
     Break("tuple decoder-layer outputs (MEMIT loss)", "easyeditor.models.memit.compute_z", ".output[0][\n"),
     Break("covariance from the Wikipedia download", "easyeditor.models.rome.layer_stats", "wikipedia="),
     Break("right padding assumed", "easyeditor.models.rome.compute_v", "ex_len - len(target_ids)"),
+    Break("model-dtype keys times the fp32 inverse covariance (ROME u)", "easyeditor.models.rome.compute_u",
+          "@ u.unsqueeze(1)"),
+    Break("model-dtype key dotted with the fp32 left vector (ROME v)", "easyeditor.models.rome.compute_v",
+          "torch.dot(cur_input, left_vector)"),
 )
 
 
@@ -259,6 +272,25 @@ def edit_tokenizer(tokenizer):
     return tok
 
 
+# --------------------------------------------------------------------------- break 7: precision
+def _fp32_repr_tools(repr_tools: types.ModuleType) -> types.ModuleType:
+    """A copy of easyeditor's ``repr_tools`` whose representations come back in fp32 whatever the
+    model's dtype (the same tensors for an fp32 model)."""
+
+    def fp32(fn):
+        def reprs(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            return tuple(t.float() for t in out) if isinstance(out, tuple) else out.float()
+
+        return reprs
+
+    shim = types.ModuleType(repr_tools.__name__ + "_fp32")
+    shim.__dict__.update({k: v for k, v in vars(repr_tools).items() if not k.startswith("__")})
+    shim.get_reprs_at_idxs = fp32(repr_tools.get_reprs_at_idxs)
+    shim.get_reprs_at_word_tokens = fp32(repr_tools.get_reprs_at_word_tokens)
+    return shim
+
+
 # --------------------------------------------------------------------------- break 5: covariance
 def local_layer_stats(corpus: list[str], batch_size: int = 32):
     """A drop-in for easyeditor's ``layer_stats`` over ``corpus`` (no download).
@@ -308,6 +340,9 @@ def patched(corpus: list[str], device) -> Iterable[EasyEdit]:
     put(rome_u, "layer_stats", stats)
     put(ee.memit_main, "layer_stats", stats)
     put(z_mod, "nethook", _tuple_nethook(ee.nethook))
+    reprs = _fp32_repr_tools(importlib.import_module("easyeditor.models.rome.repr_tools"))
+    for mod in (rome_u, sys.modules["easyeditor.models.rome.compute_v"], z_mod):
+        put(mod, "repr_tools", reprs)
     put(ee.rome_main, "CONTEXT_TEMPLATES_CACHE", list(CONTEXT_PREFIXES))
     put(ee.memit_main, "CONTEXT_TEMPLATES_CACHE", [[CONTEXT_PREFIXES[0]], list(CONTEXT_PREFIXES[1:])])
     # The covariance caches are keyed by (model name, layer): clear them, a new corpus or model

@@ -2,9 +2,18 @@
 
 AdamW with a linear or cosine schedule after ``warmup_ratio`` of the steps, optional
 ``max_grad_norm`` clipping, gradient accumulation, the divergence guard on every step, and a
-checkpoint (adapter + optimizer + scheduler + step + RNG) wherever the trial reports, so a
-resumed trial continues where it stopped. Everything around it (evaluation at the rungs and at
-the end, reports, divergence) is the lifecycle's (``trainables/trial.py``).
+checkpoint (adapter + optimizer + scheduler + loss scaler + step + RNG) wherever the trial
+reports, so a resumed trial continues where it stopped.
+
+Precision: the base model is loaded in the trial's dtype and PEFT keeps the adapters in fp32.
+fp16 adds what its narrow range needs: the forward under ``torch.autocast`` (fp16 matmuls, the
+reductions autocast keeps in fp32) and a ``torch.amp.GradScaler`` (the loss scaled up before the
+backward, the gradients unscaled before clipping). A step whose gradients overflow at the
+current scale is skipped by the scaler, which lowers its scale: the guard counts it, it is not a
+divergence, and the schedule does not advance. fp32 and bf16 (fp32's range) run neither.
+
+Everything around it (evaluation at the rungs and at the end, reports, divergence) is the
+lifecycle's (``trainables/trial.py``).
 
 With ``--workers-per-trial > 1`` the same step runs in every worker of a Ray Train
 ``TorchTrainer`` (DDP), each rank taking every world-th example.
@@ -18,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainables.adapters import AdapterConfig, doc, prompt_kl, training_examples
-from trainables.common import DivergenceGuard, length_grouped_batches
+from trainables.common import DivergenceGuard, length_grouped_batches, scaler_skipped
 from trainables.tensors import pad_batch
 
 
@@ -62,7 +71,8 @@ def anchor_rows(pool: list[list[int]], indices: list[int], width: int) -> list[t
     return [(r, len(r)) for r in (pool[i][:width] for i in indices)]
 
 
-def _save(path: Path, model, opt, sched, step: int, epoch: int, rng: random.Random, guard: DivergenceGuard) -> None:
+def _save(path: Path, model, opt, sched, step: int, epoch: int, rng: random.Random, guard: DivergenceGuard,
+          scaler=None) -> None:
     import torch
 
     path.mkdir(parents=True, exist_ok=True)
@@ -70,11 +80,14 @@ def _save(path: Path, model, opt, sched, step: int, epoch: int, rng: random.Rand
     torch.save(adapter, path / "adapter.pt")
     torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "step": step, "epoch": epoch,
                 "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
-                "guard": (guard.first, guard.ema)}, path / "state.pt")
+                "guard": (guard.first, guard.ema),
+                "scaler": None if scaler is None else scaler.state_dict()}, path / "state.pt")
 
 
-def _load(path: Path, model, opt, sched, rng: random.Random, guard: DivergenceGuard) -> tuple[int, int] | None:
-    """Restore a checkpoint; None when it is missing, half-written or corrupt (start afresh)."""
+def _load(path: Path, model, opt, sched, rng: random.Random, guard: DivergenceGuard,
+          scaler=None) -> tuple[int, int] | None:
+    """Restore a checkpoint; None when it is missing, half-written or corrupt (start afresh).
+    ``scaler``: the fp16 loss scaler, given its saved scale where the checkpoint has one."""
     import torch
 
     try:
@@ -91,6 +104,8 @@ def _load(path: Path, model, opt, sched, rng: random.Random, guard: DivergenceGu
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         guard.first, guard.ema = state["guard"]
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         return int(state["step"]), int(state["epoch"])
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint means: start from scratch
         print(f"checkpoint in {path} is unusable ({type(e).__name__}: {e}); restarting the trial from scratch",
@@ -110,7 +125,7 @@ class LoraRun:
 
         from trainables.adapters import BasePass, adapted_model
         from trainables.lora.frozen import FrozenStates
-        from trainables.models import resolve
+        from trainables.models import resolve, resolve_dtype
 
         self.cfg, self.session = cfg, session
         self.model, self.tokenizer, (self.layer_start, _) = adapted_model(cfg, session)
@@ -127,13 +142,24 @@ class LoraRun:
         self.steps_per_epoch = math.ceil(math.ceil(len(self.examples) / cfg.batch_size) / cfg.grad_accum)
         total = self.steps_per_epoch * cfg.epochs
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # fp16: autocast forwards and a loss scaler (bf16 has fp32's range and needs neither)
+        self.fp16 = resolve_dtype(cfg.dtype, session.device) == "fp16"
+        device_type = torch.device(session.device).type
+        self.autocast = self.fp16 and torch.amp.is_autocast_available(device_type)
+        self.scaler = torch.amp.GradScaler(device_type) if self.fp16 else None
+        if self.fp16:
+            # the scaler unscales fp32 gradients only: PEFT keeps the adapters in fp32, make sure
+            for p in self.params:
+                if p.dtype != torch.float32:
+                    p.data = p.data.float()
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = get_scheduler(cfg.schedule, self.opt, num_warmup_steps=int(cfg.warmup_ratio * total),
                                    num_training_steps=total)
         self.rng, self.guard = random.Random(cfg.seed), DivergenceGuard()
         self.step = self.epoch0 = 0
         restored = session.restore()
-        got = _load(Path(restored), self.model, self.opt, self.sched, self.rng, self.guard) if restored else None
+        got = (_load(Path(restored), self.model, self.opt, self.sched, self.rng, self.guard, self.scaler)
+               if restored else None)
         if got:
             self.step, self.epoch0 = got
             print(f"resumed from checkpoint at step {self.step}, epoch {self.epoch0}", flush=True)
@@ -189,10 +215,13 @@ class LoraRun:
         self.opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for micro, idx in enumerate(group):
-            loss = self.micro_batch_loss(idx, (self.step * cfg.grad_accum + micro) * self.world + self.rank)
+            with torch.autocast(torch.device(self.session.device).type, dtype=torch.float16, enabled=self.autocast):
+                loss = self.micro_batch_loss(idx, (self.step * cfg.grad_accum + micro) * self.world + self.rank)
             loss = loss / len(group)
-            loss.backward()
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             loss_sum += loss.item()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)  # clip (and judge) the true gradients, not the scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf")).item()
         if self.distributed:
             # every rank must judge the same numbers: the gradients are already averaged (DDP),
@@ -202,9 +231,17 @@ class LoraRun:
             torch.distributed.all_reduce(mean)
             loss_sum = float(mean.item()) / self.world
         self.session.note(step=self.step, train_loss=loss_sum, epoch=self.step / max(1, self.steps_per_epoch))
-        self.guard.check(self.step, loss_sum, grad_norm)
-        self.opt.step()
-        self.sched.step()
+        # fp16: non-finite gradients with a finite loss are the scaler's to handle (it skips the
+        # update and lowers its scale), not a divergence; a non-finite loss still is
+        skipped = scaler_skipped(self.fp16, loss_sum, grad_norm)
+        self.guard.check(self.step, loss_sum, grad_norm, skipped=skipped)
+        if self.scaler is None:
+            self.opt.step()
+        else:
+            self.scaler.step(self.opt)  # skips the update when a gradient is non-finite
+            self.scaler.update()
+        if not skipped:  # as the Trainer does: a skipped update does not advance the schedule
+            self.sched.step()
         self.step += 1
         return loss_sum
 
@@ -234,7 +271,14 @@ class LoraRun:
 
     def save(self, epoch: int):
         """A checkpoint writer for the session (this state after ``epoch`` epochs)."""
-        return lambda path: _save(path, self.model, self.opt, self.sched, self.step, epoch, self.rng, self.guard)
+        return lambda path: _save(path, self.model, self.opt, self.sched, self.step, epoch, self.rng, self.guard,
+                                  self.scaler)
+
+    def precision_figures(self) -> dict:
+        """What a report says about fp16 loss scaling (nothing in fp32 / bf16)."""
+        if self.scaler is None:
+            return {}
+        return {"scaler_skipped_steps": self.guard.skipped, "loss_scale": float(self.scaler.get_scale())}
 
 
 def fit(cfg: LoraTrainConfig, session) -> dict:
@@ -245,7 +289,8 @@ def fit(cfg: LoraTrainConfig, session) -> dict:
         session.end_epoch(epoch + 1, epoch == cfg.epochs - 1, run.model, run.tokenizer, save=run.save(epoch + 1),
                           start_states=run.start_states(),
                           extra={"train_loss": loss, "step": run.step, "lr_now": run.sched.get_last_lr()[0],
-                                 "train_tokens_per_s": run.train_tokens / max(run.train_seconds, 1e-9)})
+                                 "train_tokens_per_s": run.train_tokens / max(run.train_seconds, 1e-9),
+                                 **run.precision_figures()})
     if session.weights_out and session.reporter.is_chief:
         run.model.save_pretrained(session.weights_out)
     return session.last

@@ -1,7 +1,9 @@
 """What the TRL fit steps (``dpo``, ``grpo``) share: TrainingArguments in the trial's precision,
 and a callback that hands a ``transformers.Trainer``'s epochs to the trial's session.
 
-The bridge: the divergence guard on every logged step (loss and grad_norm), and at each epoch
+The bridge: the divergence guard on every logged step (loss and grad_norm; under fp16 a
+non-finite grad_norm with a finite loss is a step the Trainer's loss scaler skipped, not a
+divergence: :func:`guard_logged_step`), and at each epoch
 checkpoint the session's end of epoch (a quick evaluation at ASHA's rungs, the full one at the
 end, nothing elsewhere) with that checkpoint folder (adapter + optimizer + scheduler + RNG +
 ``trainer_state.json`` + the guard's state), so a resumed trial calls
@@ -16,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from trainables.common import DivergenceGuard
+from trainables.common import DivergenceGuard, scaler_skipped
 
 # Clipping "off" still has the Trainer compute the gradient norm (the guard reads it): a bound
 # no gradient of these adapters reaches (their norms here are < 100) clips nothing.
@@ -82,6 +84,20 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def guard_logged_step(guard: DivergenceGuard, step: int, logs: dict, fp16: bool) -> bool:
+    """The guard on one logged Trainer step; returns whether the step was one the fp16 loss
+    scaler skipped. With ``fp16`` the Trainer's ``GradScaler`` overflows the gradients on purpose
+    at first and now and then after (it skips that update and halves its scale), and logs that
+    step's grad_norm as inf or NaN: with a finite loss that is not a divergence. (logging_steps
+    is 1, so the logged loss is that step's.)"""
+    loss = float(logs["loss"])
+    grad_norm = logs.get("grad_norm")
+    grad_norm = 0.0 if grad_norm is None else float(grad_norm)
+    skipped = scaler_skipped(fp16, loss, grad_norm)
+    guard.check(step, loss, grad_norm, skipped=skipped)
+    return skipped
+
+
 def make_bridge(session, model, tokenizer, guard: DivergenceGuard, log_keys: tuple[str, ...]):
     """A TrainerCallback: guard each logged step, end the session's epoch at each checkpoint."""
     from transformers import TrainerCallback
@@ -98,15 +114,16 @@ def make_bridge(session, model, tokenizer, guard: DivergenceGuard, log_keys: tup
                 self.steps.append(row)
                 self.epoch_logs.append(row)
                 session.note(step=state.global_step, train_loss=float(logs["loss"]), epoch=state.epoch or 0)
-                guard.check(state.global_step, float(logs["loss"]), float(logs.get("grad_norm", 0.0)))
+                if guard_logged_step(guard, state.global_step, logs, fp16=bool(getattr(args, "fp16", False))):
+                    row["scaler_skipped"] = 1
 
         def on_save(self, args, state, control, **kwargs):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             means = {k.replace("/", "_"): _mean([r.get(k) for r in self.epoch_logs]) for k in ("loss", *log_keys)}
             # every logged step since the last report (loss, grad norm, each reward component): the
             # driver's MLflow tracker logs them at their global step
-            step_log = [{k: v for k, v in r.items() if k == "step" or k in ("loss", "grad_norm", *log_keys)}
-                        for r in self.epoch_logs]
+            kept = ("loss", "grad_norm", "scaler_skipped", *log_keys)
+            step_log = [{k: v for k, v in r.items() if k == "step" or k in kept} for r in self.epoch_logs]
 
             def save(path: Path) -> None:
                 shutil.copytree(ckpt, path, dirs_exist_ok=True)
@@ -116,7 +133,8 @@ def make_bridge(session, model, tokenizer, guard: DivergenceGuard, log_keys: tup
             reported = session.end_epoch(
                 int(round(state.epoch or 0)), state.global_step >= state.max_steps, model, tokenizer, save=save,
                 extra={**means, "step_log": step_log, "train_loss": means["loss"], "step": state.global_step,
-                       "total_steps": state.max_steps})
+                       "total_steps": state.max_steps,
+                       **({"scaler_skipped_steps": guard.skipped} if getattr(args, "fp16", False) else {})})
             if reported is not None:
                 self.epoch_logs = []
 
