@@ -4,8 +4,8 @@
    MLflow home and Ray storage (Ray start, Optuna, ASHA, checkpoints, MLflow, plots: all of
    it); its wall time from launch to exit.
 2. **plain**: the very trials that sweep ran (each trial's config read back from its Ray
-   folder), one after another in this process through the trainable's training function
-   ``train_loop``, evaluating at the same epochs (ASHA's rungs) and stopped after as many
+   folder), one after another in this process through the trial
+   lifecycle (``run_one``), evaluating at the same epochs (ASHA's rungs) and stopped after as many
    reports as it made in the sweep (ASHA stopped some early), timed per trial.
 
 ``overhead_ratio`` = engine wall / (sum of plain trial seconds / parallel slots), with the

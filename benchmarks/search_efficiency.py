@@ -1,7 +1,7 @@
 """Search efficiency: TPE + ASHA vs. random search on the hierarchical-LoRA space.
 
 For each seed, two searches over ``search_spaces.hier_lora.space`` (the sweep's own
-define-by-run space) train real trials through ``trainables.lora.loop.train_loop``:
+define-by-run space) train real trials through the trial lifecycle (``run_one``):
 
 - **random**: Optuna's RandomSampler, no early stopping, ``--budget`` trials (40);
 - **tpe+asha**: the engine's sampler (TPE, 8 start-up trials, same seed) with asynchronous

@@ -4,8 +4,8 @@ Both sides train the same model (the testbed by default) with the same LoRA conf
 examples (so the same sequence lengths) and thread count, in this one process, alternating
 ``--rounds`` times so that machine noise hits both alike:
 
-- **trial**: ``trainables.lora.loop.train_loop`` exactly as a sweep runs it (divergence guard,
-  clipping, scheduler, checkpoint per epoch), reading the ``train_tokens_per_s`` it reports
+- **trial**: the LoRA fit step in the trial lifecycle, exactly as a sweep runs it (divergence
+  guard, clipping, scheduler, checkpoint per epoch), reading the ``train_tokens_per_s`` it reports
   (time spent in its training steps; the per-epoch evaluation is not training and is left out);
 - **bare**: the loop a researcher would write by hand: batches -> forward -> backward -> AdamW
   step, nothing else.

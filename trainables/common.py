@@ -101,7 +101,7 @@ def trial_status(result: dict | None, errored: bool) -> str:
         return STATUS_FAILED
     if not result:
         return STATUS_PRUNED
-    if result.get("trial_status") in (STATUS_DIVERGED, STATUS_FAILED):  # failed: out of memory (sweep.run.oom_guard)
+    if result.get("trial_status") in (STATUS_DIVERGED, STATUS_FAILED):  # failed: out of memory (trial.out_of_memory)
         return result["trial_status"]
     return STATUS_COMPLETED if result.get("final") else STATUS_PRUNED
 

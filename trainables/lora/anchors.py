@@ -1,6 +1,6 @@
 """Anchor code for the no-forgetting KL: short windows of CPython's own standard library.
 
-The LoRA loop's KL term (``trainables.lora.loop.prompt_kl``) keeps the adapted model's next-token
+The LoRA loop's KL term (``trainables.adapters.prompt_kl``) keeps the adapted model's next-token
 distributions equal to the base model's on the *prompt* tokens of the training pairs. Those are
 all library code around the migrations, so nothing holds the update back on unrelated code, and
 that is where locality is lost: on the testbed the best hier-LoRA configs broke method calls in
