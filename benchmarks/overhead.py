@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         print(proc.stdout[-3000:])
         raise SystemExit(f"the sweep failed with exit status {proc.returncode}")
     trials = sweep_trials(scratch / "mlruns" / "ray_results" / name)
-    from trainables.trial import TrialContext
+    from trainables.trial import CONTEXT_FILE, TrialContext
 
-    ctx = TrialContext.load(scratch / "mlruns" / "ray_results" / name / "trial_context.json")
+    ctx = TrialContext.load(scratch / "mlruns" / "ray_results" / name / CONTEXT_FILE)
     print(f"engine: {len(trials)} trials in {engine_wall:.1f} s; re-running them in a plain loop", flush=True)
 
     from trainables.common import set_threads

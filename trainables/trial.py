@@ -28,6 +28,8 @@ from trainables.objective import DIVERGED_OBJECTIVE, OOM_OBJECTIVE
 
 # The config fields a trial takes from its context, never from the search.
 SETTINGS = ("model", "dataset", "seed", "threads", "workers", "use_gpu", "dtype", "gradient_checkpointing")
+# A sweep's TrialContext, written beside Ray's experiment state: what --resume and --warm-start read.
+CONTEXT_FILE = "trial_context.json"
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,13 @@ class TrialContext:
 
     @classmethod
     def load(cls, path: Path) -> "TrialContext | None":
-        """The context a sweep was started with, or None where its folder has none."""
+        """The context a sweep was started with, or None where its folder has none (or holds
+        no JSON object there)."""
         try:
             raw = json.loads(path.read_text())
         except (OSError, ValueError):
+            return None
+        if not isinstance(raw, dict):
             return None
         known = {f.name for f in fields(cls)}
         raw = {k: v for k, v in raw.items() if k in known}
@@ -122,11 +127,12 @@ class Session:
     context says so."""
 
     def __init__(self, cfg, ctx: TrialContext, reporter: Reporter, weights_out: str | None = None):
-        import torch
+        from trainables.models import resolve_dtype
 
         self.cfg, self.ctx, self.reporter, self.weights_out = cfg, ctx, reporter, weights_out
         self.t_start = time.time()  # reported as `started_at`: tests check which trials overlapped
         self.device = trial_device(ctx)
+        self.precision = resolve_dtype(ctx.dtype, self.device)  # fp32, bf16 or fp16, as the model loads
         self.common: dict = {"started_at": self.t_start}  # carried by every report
         self.quick_evaluations = self.full_evaluations = 0
         self.last: dict = {}  # what the last report said (a fit step's return value)
@@ -137,7 +143,7 @@ class Session:
         self.model_name = cfg.model
         self._restored: str | None = None
         self._restore_asked = False
-        self.on_gpu = self.device.startswith("cuda") and torch.cuda.is_available()
+        self.on_gpu = self.device != "cpu"  # trial_device names a GPU only where torch has one
 
     # ---------------------------------------------------------------- inputs
     @property
@@ -166,9 +172,7 @@ class Session:
         ``start_states`` (the frozen lower layers' states) only in fp32: in bf16 / fp16 states
         computed in other batches round differently from the full pass that made the base
         model's references, and an unchanged model would lose locality at near-ties."""
-        from trainables.models import resolve_dtype
-
-        if resolve_dtype(self.ctx.dtype, self.device) != "fp32":
+        if self.precision != "fp32":
             start_states = None
         data = eval_data or self.eval_data
         metrics, preds = data.validation.evaluate(model, tokenizer, quick=not final, start_states=start_states)
@@ -221,14 +225,14 @@ class Session:
             fire("epoch_end", epoch=epoch)
         return metrics
 
-    def report_diverged(self, reason: str, extra: dict | None = None) -> dict:
+    def report_diverged(self, reason: str) -> dict:
         """A non-finite or exploding trial: objective DIVERGED_OBJECTIVE, reported at once."""
         print(f"diverged: {reason}", flush=True)
         loss = self.progress.get("train_loss", float("nan"))
         metrics = {**self.common, "objective": DIVERGED_OBJECTIVE, "efficacy": 0.0, "generalization": 0.0,
                    "locality": 0.0, "train_loss": loss, "step": self.progress.get("step", 0),
                    "epoch": self.progress.get("epoch", 0), "trial_seconds": time.time() - self.t_start,
-                   "final": True, "trial_status": STATUS_DIVERGED, "diverged_reason": reason, **(extra or {})}
+                   "final": True, "trial_status": STATUS_DIVERGED, "diverged_reason": reason}
         self.reporter.report(metrics, None)
         self.last = metrics
         return metrics

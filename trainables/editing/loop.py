@@ -373,12 +373,16 @@ class EditRun:
             raise Diverged("non-finite edited weights")
         return math.sqrt(sum(float((self.weights[k] - self.original[k]).float().pow(2).sum()) for k in self.weights))
 
+    def state(self, phase: int) -> dict:
+        """The edited weights after ``phase`` phases, as a checkpoint and ``weights_out`` hold them."""
+        return {"phase": phase, "weights": {k: v.detach().cpu() for k, v in self.weights.items()}}
+
     def save(self, phase: int):
-        """A checkpoint writer for the session: the edited weights after ``phase`` phases."""
+        """A checkpoint writer for the session: :meth:`state` in ``edit_state.pt``."""
         import torch
 
-        weights = {k: v.detach().cpu() for k, v in self.weights.items()}
-        return lambda path: torch.save({"phase": phase, "weights": weights}, Path(path, "edit_state.pt"))
+        state = self.state(phase)
+        return lambda path: torch.save(state, Path(path, "edit_state.pt"))
 
     def score(self, edited: int):
         """The edit's own figures and the objective they give with the shared locality."""
@@ -410,8 +414,7 @@ def fit(cfg: _EditBase, session) -> dict:
     if session.weights_out:
         import torch
 
-        torch.save({"phase": cfg.phases, "weights": {k: v.detach().cpu() for k, v in run.weights.items()}},
-                   session.weights_out)
+        torch.save(run.state(cfg.phases), session.weights_out)
     return session.last
 
 

@@ -125,7 +125,7 @@ class LoraRun:
 
         from trainables.adapters import BasePass, adapted_model
         from trainables.lora.frozen import FrozenStates
-        from trainables.models import resolve, resolve_dtype
+        from trainables.models import resolve
 
         self.cfg, self.session = cfg, session
         self.model, self.tokenizer, (self.layer_start, _) = adapted_model(cfg, session)
@@ -143,7 +143,7 @@ class LoraRun:
         total = self.steps_per_epoch * cfg.epochs
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # fp16: autocast forwards and a loss scaler (bf16 has fp32's range and needs neither)
-        self.fp16 = resolve_dtype(cfg.dtype, session.device) == "fp16"
+        self.fp16 = session.precision == "fp16"
         device_type = torch.device(session.device).type
         self.autocast = self.fp16 and torch.amp.is_autocast_available(device_type)
         self.scaler = torch.amp.GradScaler(device_type) if self.fp16 else None

@@ -22,11 +22,7 @@ from trainables.sweep.checks import (
     resolve_model_path,
 )
 from trainables.sweep.methods import Method
-from trainables.trial import TrialContext
-
-# The sweep's TrialContext, written beside Ray's experiment state: what --resume and
-# --warm-start read back.
-CONTEXT_FILE = "trial_context.json"
+from trainables.trial import CONTEXT_FILE, TrialContext
 
 @dataclass
 class Setup:
@@ -219,7 +215,7 @@ def plan_slots(args, resources: dict) -> Slots:
     return Slots(cpus, gpus, workers, trial_resources, args.max_concurrent or max(1, slots))
 
 
-def trial_context(method: Method, args, setup: Setup, slots: Slots, eval_epochs) -> TrialContext:
+def trial_context(args, setup: Setup, slots: Slots, eval_epochs) -> TrialContext:
     """What every trial of the sweep gets besides its searched parameters."""
     return TrialContext(
         model=setup.model, dataset=setup.dataset, n_layers=setup.n_layers, seed=setup.seed, threads=slots.cpus,
@@ -286,7 +282,7 @@ def run(method: Method, args) -> int:
 
     max_epochs = 1 if args.smoke_test else args.max_epochs
     # rungs: where ASHA decides; the multi-objective searcher reads final results only
-    ctx = trial_context(method, args, setup, slots, [] if args.multi_objective else asha_rungs(max_epochs))
+    ctx = trial_context(args, setup, slots, [] if args.multi_objective else asha_rungs(max_epochs))
     trainable = tune.with_resources(tune.with_parameters(tune_trial, method=method, ctx=ctx), slots.trial_resources)
     if setup.rerun_config is not None:
         return rerun(method, args, setup, ctx, trainable, tracking_uri, artifact_root)

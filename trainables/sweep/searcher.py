@@ -24,6 +24,7 @@ from search_spaces.derived import space_distributions
 from trainables.objective import LOCALITY_FLOOR
 from trainables.sweep.checks import UsageError
 from trainables.sweep.methods import Method
+from trainables.trial import CONTEXT_FILE, TrialContext
 
 
 class PrunedAwareOptunaSearch(OptunaSearch):
@@ -217,15 +218,15 @@ def make_searcher(method: Method, n_layers: int, max_epochs: int, metric, mode, 
 
 
 def _sweep_models(experiment: Path, label: str) -> set:
-    """The model the sweep in ``experiment`` ran on: ``trial_context.json``'s ``model`` (written
-    by the driver at sweep start), or, in a sweep from before that file, the ``model`` of its
-    first trial configs. Empty when neither names one."""
-    context = experiment / "trial_context.json"
-    if context.is_file():
-        try:
-            models = {json.loads(context.read_text()).get("model")}
-        except (ValueError, AttributeError):  # not JSON, or not a JSON object
-            raise UsageError(f"{label}: {context} is not a JSON object") from None
+    """The model the sweep in ``experiment`` ran on: its TrialContext's (written by the driver at
+    sweep start), or, in a sweep from before that file, the ``model`` of its first trial
+    configs. Empty when neither names one."""
+    path = experiment / CONTEXT_FILE
+    if path.is_file():
+        context = TrialContext.load(path)
+        if context is None:
+            raise UsageError(f"{label}: {path} is not a JSON object")
+        models = {context.model}
     else:
         models = {json.loads(p.read_text()).get("model") for p in sorted(experiment.glob("trial_*/params.json"))[:5]}
     return models - {None}
