@@ -123,3 +123,26 @@ def test_a_few_hier_lora_steps_lower_the_loss_and_move_only_the_chosen_layers(tm
     changed = {k for k, v in before.items() if not torch.equal(merged[k], v)}
     assert changed and all(any(f"layers.{i}.mlp." in k for i in range(start, end)) for k in changed), sorted(changed)
     assert len(changed) == 3 * (end - start)  # gate, up and down projection of each chosen layer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_an_untouched_adapter_keeps_the_real_models_locality_and_specificity_exactly(dtype, monkeypatch):
+    """A LoRA adapter at initialisation changes no token of SmolLM2's completions of either split's
+    snippets in data/: its references and a trial's evaluation batch them alike, so bf16 rounding
+    is the same on both sides (minutes: the references are made first where they are not cached)."""
+    from dataclasses import replace
+
+    from trainables.adapters import attach_lora
+    from trainables.evaluation import default_eval_data
+    from trainables.lora.loop import LoraTrainConfig
+    from trainables.models import load_model
+
+    monkeypatch.setenv("APIUPDATE_DATA_DIR", str(ROOT / "data"))
+    data = default_eval_data("smollm2", "cpu", dtype)
+    model, tok = load_model("smollm2", device="cpu", dtype=dtype)
+    model = attach_lora(model, LoraTrainConfig(hierarchical=True, layer_start=15, layer_end=30, target="mlp"))
+    for part in (data.validation, data.test):
+        metrics, _ = replace(part, migrations=()).evaluate(model, tok)
+        assert metrics["n_locality"] > 100 and metrics["n_specificity"] > 50, metrics
+        assert (metrics["locality"], metrics["specificity"]) == (1.0, 1.0), metrics

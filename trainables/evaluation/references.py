@@ -114,21 +114,28 @@ def default_eval_data(model_name: str, device: str = "cpu", dtype: str = "fp32",
     migrations, locality = load_migrations(), load_locality()
     spec = load_specificity(migrations=migrations, locality=locality)
     tests = load_test_contexts(migrations=migrations)
-    base, tops = {}, {}
+    base = {}
+    load = _loader(device, dtype)
     if with_base:
-        load = _loader(device, dtype)
         for snippets in (locality, spec):
             if snippets:
-                comps = base_locality(model_name, snippets, load, device=device, dtype=dtype)
-                base.update(zip((s.id for s in snippets), comps))
-                tops.update(zip((s.id for s in snippets),
-                                base_argmax(model_name, snippets, comps, load, device=device, dtype=dtype)))
+                base.update(zip((s.id for s in snippets), base_locality(model_name, snippets, load, device=device,
+                                                                       dtype=dtype)))
+
+    def tops(snippets) -> tuple:
+        # per split, in the split's order: the evaluation batches a split's snippets exactly as
+        # this call does, so an unchanged model meets the same padding widths, and in bf16 the
+        # same rounding, as its reference
+        if not snippets:
+            return ()
+        return tuple(base_argmax(model_name, snippets, [base[s.id] for s in snippets], load, device=device,
+                                 dtype=dtype))
 
     def part(ms, loc, sp) -> EvalSet:
         if not with_base:
             return EvalSet(tuple(ms), tuple(loc), None, tuple(sp), None)
         return EvalSet(tuple(ms), tuple(loc), tuple(base[s.id] for s in loc), tuple(sp),
-                       tuple(base[s.id] for s in sp), tuple(tops[s.id] for s in loc), tuple(tops[s.id] for s in sp))
+                       tuple(base[s.id] for s in sp), tops(loc), tops(sp))
 
     if not tests:
         return EvalData(part(migrations, locality, spec), None)
