@@ -32,7 +32,7 @@ def test_strategies_put_comment_headers_before_the_unchanged_prompt(fixture_data
     m = migrations[0]
     ctx = m.probe_contexts[0]
     assert imported_libraries(ctx.prompt) == ["pandas"]
-    heads = {s: PromptBuilder(rules, s, "update", 3).header(ctx.prompt, m.id) for s in ("basic", "context", "rules", "cot")}
+    heads = {s: PromptBuilder(rules, s, "oracle", 3).header(ctx.prompt, m.id) for s in ("basic", "context", "rules", "cot")}
     assert heads["basic"] == ""
     assert heads["context"] == "# requires: pandas>=2.0\n"
     assert heads["rules"].startswith("# rule: pandas>=2.0: ") and "->" in heads["rules"]
@@ -43,13 +43,50 @@ def test_strategies_put_comment_headers_before_the_unchanged_prompt(fixture_data
     # import of a known library stay as they were
     from trainables.evaluation import EvalSet
 
-    b = PromptBuilder(rules, "context", "update", 3)
-    headed = EvalSet(tuple(migrations), tuple(locality), None).with_prompts(
-        lambda p, mid: b.header(p, mid) + p, lambda p: b.header(p, None) + p)
+    b = PromptBuilder(rules, "context", "oracle", 3)
+    headed = EvalSet(tuple(migrations), tuple(locality), None).with_prompts(lambda p, mid: b.header(p, mid) + p)
     new_m, new_l = headed.migrations, headed.locality
     assert new_m[0].probe_contexts[0].prompt == heads["context"] + ctx.prompt
     plain = [s for s in locality if not imported_libraries(s.prompt)]
     assert plain and all(a.prompt == b.prompt for a, b in zip(new_l, locality) if b in plain)
+
+
+def test_a_deployments_comments_depend_on_the_snippet_alone_and_the_oracle_is_named(fixture_data):
+    """``library``: a probe, a lookalike and a locality snippet with the same code get the same
+    comments (a deployment cannot tell them apart); ``oracle``: a lookalike gets the notes of the
+    migration it resembles, as its probes do; the search never offers the oracle."""
+    import optuna
+
+    from search_spaces.prompt import space
+    from trainables.data import load_specificity
+    from trainables.evaluation import EvalSet
+
+    migrations, locality = fixture_data
+    lookalikes = load_specificity(migrations=migrations, locality=locality)
+    assert lookalikes
+    rules = extract_rules(migrations)
+    split = EvalSet(tuple(migrations), tuple(locality), None, tuple(lookalikes))
+    for strategy in ("context", "rules", "cot"):
+        deploy = PromptBuilder(rules, strategy, "library", 3)
+        headed = split.with_prompts(lambda p, mid: deploy.header(p, mid) + p)
+        for m, hm in zip(migrations, headed.migrations):
+            for c, hc in zip(m.probe_contexts, hm.probe_contexts):
+                assert hc.prompt == deploy.header(c.prompt, None) + c.prompt
+        for s, hs in zip(lookalikes, headed.specificity):
+            assert hs.prompt == deploy.header(s.prompt, None) + s.prompt
+        oracle = PromptBuilder(rules, strategy, "oracle", 3)
+        for s, hs in zip(lookalikes, split.with_prompts(lambda p, mid: oracle.header(p, mid) + p).specificity):
+            rule = next(r for r in rules if r.migration == s.migration)
+            assert rule.version in hs.prompt and (strategy == "context" or rule.old in hs.prompt), hs.prompt
+    assert PromptConfig().knowledge == "library"
+    with pytest.raises(ValueError, match="knowledge must be one of library, oracle"):
+        PromptConfig(knowledge="update")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        trial = study.ask()
+        space(trial, 4)
+        assert "knowledge" not in trial.params
+        study.tell(trial, 0.0)
 
 
 def test_config_rejects_bad_values_with_the_fix():

@@ -23,14 +23,15 @@ placed before the unchanged code prompt, and the completion is scored by the sha
 
 ``knowledge`` says which updates the comments describe:
 
-- ``update``: the one migration the prompt belongs to (the relevant update is known, as in
-  CodeUpdateArena's update-in-context setting);
-- ``library``: what a deployment knows without that oracle: every library the prompt imports
-  at its newest version in the data, and the ``max_rules`` rules of those libraries whose old
-  line shares the most identifiers with the prompt.
-
-Locality prompts get the ``library`` comments in both settings (no migration belongs to them),
-so a strategy that derails unrelated code pays for it in ``locality``.
+- ``library`` (the default; what a deployment knows): every library the prompt imports at its
+  newest version in the data, and the ``max_rules`` rules of those libraries whose old line
+  shares the most identifiers with the prompt. Probes, locality snippets and lookalikes are
+  treated alike: a deployment cannot tell them apart, so neither can the header;
+- ``oracle``: the one migration the prompt belongs to (CodeUpdateArena's update-in-context
+  protocol, where the relevant update is given). Lookalikes get the notes of the migration they
+  resemble, locality snippets (no migration) the ``library`` comments. The search never picks
+  it: a figure reached with an oracle is not a baseline a deployment can run (``--config`` with
+  ``knowledge: oracle`` runs it).
 
 ``temperature > 0`` samples instead of greedy decoding: the shared greedy decoder runs on logits
 divided by the temperature plus Gumbel noise, whose argmax is an exact sample from
@@ -48,7 +49,7 @@ from dataclasses import asdict, dataclass
 from trainables.common import RunSettings
 
 STRATEGIES = ("basic", "context", "rules", "cot")
-KNOWLEDGE = ("update", "library")
+KNOWLEDGE = ("library", "oracle")
 
 
 @dataclass
@@ -58,7 +59,7 @@ class PromptConfig(RunSettings):
     model: str = "testbed"
     dataset: str | None = None  # migrations (data/README.md format) to extract rules from; None = data/
     strategy: str = "rules"  # basic | context | rules | cot
-    knowledge: str = "update"  # update (the prompt's own migration) | library (imports only)
+    knowledge: str = "library"  # library (imports + the data's rules) | oracle (the prompt's own migration)
     max_rules: int = 3  # library knowledge: rules per prompt; each costs ~25 of the testbed's 256 positions
     temperature: float = 0.0  # 0 = greedy, as every trained method is scored
 
@@ -162,9 +163,11 @@ class PromptBuilder:
         return versions, ranked[: self.max_rules]
 
     def header(self, prompt: str, migration: str | None) -> str:
+        """The comments before ``prompt``; ``migration``: the one it belongs to or resembles,
+        read only by the oracle."""
         if self.strategy == "basic":
             return ""
-        if migration is not None and self.knowledge == "update":
+        if migration is not None and self.knowledge == "oracle":
             r = self.by_migration[migration]
             versions, rules = [(r.library, r.version)], [r]
         else:
@@ -220,8 +223,7 @@ def fit(cfg: PromptConfig, session) -> dict:
     rules = extract_rules(load_migrations(cfg.dataset) if cfg.dataset else migrations)
     builder = PromptBuilder(rules, cfg.strategy, cfg.knowledge, cfg.max_rules)
     # every prompt behind its header; the base completions stay the plain prompts' greedy ones
-    data = session.eval_data.with_prompts(lambda p, mid: builder.header(p, mid) + p,
-                                          lambda p: builder.header(p, None) + p)
+    data = session.eval_data.with_prompts(lambda p, mid: builder.header(p, mid) + p)
     scorer = gumbel_sampler(model, cfg.temperature, cfg.seed) if cfg.temperature > 0 else model
     header_lines = [builder.header(c.prompt, m.id).count("\n") for m in migrations for c in m.probe_contexts]
     session.common.update(trainable_params=0)

@@ -34,18 +34,19 @@ class EvalSet:
                         base_locality_argmax=self.base_locality_argmax,
                         base_specificity_argmax=self.base_specificity_argmax)
 
-    def with_prompts(self, context_prompt, snippet_prompt) -> "EvalSet":
+    def with_prompts(self, prompt_for) -> "EvalSet":
         """The same split with every prompt rewritten (the prompt baseline's headers):
-        ``context_prompt(prompt, migration_id)``, ``snippet_prompt(prompt)``."""
+        ``prompt_for(prompt, migration_id)``, the id of the migration a context belongs to or a
+        lookalike resembles, None for a locality snippet."""
 
         def ctxs(cs, mid):
-            return tuple(replace(c, prompt=context_prompt(c.prompt, mid)) for c in cs)
+            return tuple(replace(c, prompt=prompt_for(c.prompt, mid)) for c in cs)
 
         return replace(self, migrations=tuple(
             replace(m, train_contexts=ctxs(m.train_contexts, m.id), probe_contexts=ctxs(m.probe_contexts, m.id))
             for m in self.migrations),
-            locality=tuple(replace(s, prompt=snippet_prompt(s.prompt)) for s in self.locality),
-            specificity=tuple(replace(s, prompt=snippet_prompt(s.prompt)) for s in self.specificity))
+            locality=tuple(replace(s, prompt=prompt_for(s.prompt, None)) for s in self.locality),
+            specificity=tuple(replace(s, prompt=prompt_for(s.prompt, s.migration)) for s in self.specificity))
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,6 @@ class EvalData:
         m, _ = self.test.evaluate(model, tokenizer, start_states=start_states, train=False, batch_size=batch_size)
         return {f"test_{k}": m[k] for k in TEST_KEYS if k in m}
 
-    def with_prompts(self, context_prompt, snippet_prompt) -> "EvalData":
-        return EvalData(self.validation.with_prompts(context_prompt, snippet_prompt),
-                        self.test.with_prompts(context_prompt, snippet_prompt) if self.test else None)
+    def with_prompts(self, prompt_for) -> "EvalData":
+        return EvalData(self.validation.with_prompts(prompt_for),
+                        self.test.with_prompts(prompt_for) if self.test else None)
