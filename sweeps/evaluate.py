@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="sweeps/evaluate.py", description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--model", default="testbed",
-                   help="'testbed', 'smollm2', a .gguf file, a local model folder or a hub id")
+                   help="'testbed', 'smollm2', 'gemma3', a .gguf file, a local model folder or a hub id")
     p.add_argument("--adapter", help="a PEFT adapter folder to apply on top of --model")
     p.add_argument("--migrations", help="migrations JSONL (default: data/'s validation and test splits)")
     p.add_argument("--locality", help="locality JSONL (default: data/'s validation and test splits)")

