@@ -67,11 +67,14 @@ def test_smoke_sweep_mlflow_layout_and_export_round_trip(tmp_path, small_testbed
         assert k["tags"]["trial_status"] in {"completed", "pruned", "diverged"}
         for m in ("efficacy", "generalization", "locality", "objective", "trainable_params", "trial_seconds"):
             assert m in k["metrics"], (m, k["metrics"])
-    con = sqlite3.connect(home / "mlflow.db")  # the UI opens the training view, not the GenAI one
+    con = sqlite3.connect(home / "mlflow.db")
     kind = con.execute("select t.value from experiment_tags t join experiments e on t.experiment_id = e.experiment_id "
                        "where e.name = 'hier_lora' and t.key = 'mlflow.experimentKind'").fetchall()
+    (exp_id,), = con.execute("select experiment_id from experiments where name = 'hier_lora'").fetchall()
     con.close()
     assert kind == [("custom_model_development",)], kind
+    # MLflow 3.18's UI reads the view from the address, not from the kind: the sweep prints that address
+    assert f"http://127.0.0.1:5000/#/experiments/{exp_id}?workflowType=machine_learning" in out.stdout
     pngs = [p.name for p in (home / "artifacts").rglob("*.png") if parent["id"] in p.parts]
     assert "optuna_history.png" in pngs, pngs
 

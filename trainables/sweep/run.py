@@ -285,7 +285,7 @@ def run(method: Method, args) -> int:
     ctx = trial_context(args, setup, slots, [] if args.multi_objective else asha_rungs(max_epochs))
     trainable = tune.with_resources(tune.with_parameters(tune_trial, method=method, ctx=ctx), slots.trial_resources)
     if setup.rerun_config is not None:
-        return rerun(method, args, setup, ctx, trainable, tracking_uri, artifact_root)
+        return rerun(method, args, setup, ctx, trainable, tracking_uri, artifact_root, exp_id)
     (setup.storage / setup.name).mkdir(parents=True, exist_ok=True)
     ctx.save(setup.storage / setup.name / CONTEXT_FILE)
 
@@ -318,8 +318,8 @@ def run(method: Method, args) -> int:
             search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
             trial_dirname_creator=_trial_dirname, reuse_actors=True))
     print(f"sweep {setup.name}: {num_samples} trials of {method.name} on {setup.model} ({setup.n_layers} layers), "
-          f"{slots.concurrent} at once, {slots.cpus} CPU + {slots.gpus:g} GPU per trial; MLflow {tracking_uri}",
-          flush=True)
+          f"{slots.concurrent} at once, {slots.cpus} CPU + {slots.gpus:g} GPU per trial\n"
+          f"  browse it: {tracking.browse_url(tracking_uri, exp_id)}", flush=True)
     results = tuner.fit()
     return finish(method, setup, results, metric, args.multi_objective, client, parent_id, tracker, time.time() - t0)
 
@@ -397,12 +397,12 @@ def first_failure(results) -> str:
 
 
 def rerun(method: Method, args, setup: Setup, ctx: TrialContext, trainable, tracking_uri: str,
-          artifact_root: str) -> int:
+          artifact_root: str, exp_id: str) -> int:
     """One trial of an exported config (``--config``), tracked as its own run."""
     from ray import tune
 
     from trainables.sweep.report import SHOW
-    from trainables.sweep.tracking import MlflowTracker
+    from trainables.sweep.tracking import MlflowTracker, browse_url
 
     tags = {"rerun_of_sweep": str(setup.provenance.get("sweep", "")),
             "rerun_of_trial": str(setup.provenance.get("trial_id", "")),
@@ -424,4 +424,5 @@ def rerun(method: Method, args, setup: Setup, ctx: TrialContext, trainable, trac
         return 1
     print(f"re-run of {args.config} finished; MLflow run {setup.name} in experiment {method.name}:")
     print(json.dumps({k: m.get(k) for k in SHOW + ["trial_status"] if k in m}))
+    print(f"browse it: {browse_url(tracking_uri, exp_id)}")
     return 0

@@ -67,9 +67,19 @@ def client_for(tracking_uri: str):
     return client
 
 
-# MLflow 3's UI opens an experiment in the view its kind names; without the tag it guesses the
-# GenAI view (traces, judges), where a sweep's training runs are a click away.
+# The experiment's kind, for MLflow servers and clients that read it. MLflow 3.18's UI does not:
+# it opens every experiment in its GenAI view (traces, judges) unless the address asks for the
+# training view (``browse_url``), and remembers the choice in the browser afterwards.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def browse_url(tracking_uri: str, exp_id: str) -> str:
+    """How to open experiment ``exp_id``'s runs in MLflow's training view: ``mlflow ui`` on the
+    store where it is a file, then the address with ``workflowType=machine_learning``."""
+    view = f"#/experiments/{exp_id}?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{view}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}  then  http://127.0.0.1:5000/{view}"
 
 
 def experiment_id(client, name: str, artifact_root: str | None) -> str:
