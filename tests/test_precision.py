@@ -302,3 +302,36 @@ def test_the_edit_representations_are_fp32_whatever_the_models_dtype(tiny_qwen2)
     k_in, v_out = reprs.get_reprs_at_word_tokens(context_templates=["{} = 1"], words=["x"], subtoken="last",
                                                  track="both", **args)
     assert k.dtype == k_in.dtype == v_out.dtype == torch.float32
+
+
+def test_grpos_supervised_warm_start_scales_its_fp16_loss_like_the_lora_loop(tiny_qwen2, monkeypatch):
+    """The SFT warm start before GRPO shares the LoRA loop's precision handling: in fp16 an
+    overflowing step is skipped by the scaler (the loss scale halves), not a divergence, and the
+    adapters still learn."""
+    import torch.nn.functional as F
+
+    from trainables.adapters import attach_lora, supervised_warmup
+    from trainables.lora.loop import LoraTrainConfig
+    from trainables.models import load_model
+
+    model, tok = load_model(str(tiny_qwen2), dtype="fp16")
+    model = attach_lora(model, LoraTrainConfig(target="all", r=4))
+    scales, calls = [], {"n": 0}
+    real_scale = torch.amp.GradScaler.scale
+
+    def scale(self, outputs):
+        scales.append(float(self.get_scale()))
+        return real_scale(self, outputs)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", scale)
+    real_ce = F.cross_entropy
+
+    def poisoned(*a, **kw):  # the first step's gradients overflow, its loss stays finite
+        calls["n"] += 1
+        out = real_ce(*a, **kw)
+        return _InfGrad.apply(out) if calls["n"] == 1 else out
+
+    monkeypatch.setattr(F, "cross_entropy", poisoned)
+    losses = supervised_warmup(model, tok, None, 2, 5e-3, batch_size=4, precision="fp16")
+    assert calls["n"] > 1 and scales[:2] == [2.0**16, 2.0**15], scales[:3]  # skipped once, scale halved
+    assert len(losses) == 2 and all(x == x and abs(x) != float("inf") for x in losses) and losses[-1] < losses[0], losses

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from trainables.common import DivergenceGuard, RunSettings
+from trainables.common import DivergenceGuard, MixedPrecision, RunSettings
 from trainables.tensors import pad_batch
 
 TARGETS = ("qv", "attn", "mlp", "all")
@@ -130,11 +130,12 @@ def training_examples(tokenizer, dataset: str | None, max_length: int = 128, aug
 
 
 def supervised_warmup(model, tokenizer, dataset: str | None, epochs: int, lr: float, *, batch_size: int = 8,
-                      max_grad_norm: float = 1.0, seed: int = 0) -> list[float]:
+                      max_grad_norm: float = 1.0, seed: int = 0, precision: str = "fp32") -> list[float]:
     """Supervised epochs on the training pairs (prompt -> new code) for the adapters already
     attached to ``model``: the warm start of an RL run (SFT, then RL), so that the policy's
     samples hold the new API often enough for a group-relative advantage to exist. Returns the
-    mean loss of each epoch; raises ``Diverged`` like every training loop here."""
+    mean loss of each epoch; raises ``Diverged`` like every training loop here. ``precision``:
+    the model's (``common.MixedPrecision``: fp16 scales its loss like the LoRA loop)."""
     import torch
 
     if epochs <= 0:
@@ -142,6 +143,7 @@ def supervised_warmup(model, tokenizer, dataset: str | None, epochs: int, lr: fl
     examples = training_examples(tokenizer, dataset)
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
+    amp = MixedPrecision(params, device, precision)
     opt = torch.optim.AdamW(params, lr=lr)
     rng, guard, step, means = random.Random(seed), DivergenceGuard(), 0, []
     model.train()
@@ -153,11 +155,12 @@ def supervised_warmup(model, tokenizer, dataset: str | None, epochs: int, lr: fl
             ids, mask, labels = (t.to(device) for t in pad_batch([examples[i] for i in order[b : b + batch_size]],
                                                               tokenizer.pad_token_id))
             opt.zero_grad(set_to_none=True)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
-            guard.check(step, loss.item(), grad_norm)
-            opt.step()
+            with amp.autocast():
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            amp.backward(loss)
+            grad_norm = amp.clip(opt, params, max_grad_norm)
+            guard.check(step, loss.item(), grad_norm, skipped=amp.skipped(loss.item(), grad_norm))
+            amp.step(opt)
             step += 1
             losses.append(loss.item())
         means.append(sum(losses) / len(losses))

@@ -79,6 +79,54 @@ def scaler_skipped(fp16: bool, loss: float, grad_norm: float | None) -> bool:
     return bool(fp16 and grad_norm is not None and math.isfinite(loss) and not math.isfinite(grad_norm))
 
 
+class MixedPrecision:
+    """What one optimizer step needs for its precision, shared by every supervised loop: in fp16
+    the forward under ``torch.autocast`` (fp16 matmuls, fp32 reductions) and a
+    ``torch.amp.GradScaler`` (the loss scaled up before the backward, the gradients unscaled
+    before clipping, an update with non-finite gradients skipped and the scale lowered); in fp32
+    and bf16 (fp32's range) nothing. ``params``: the trained ones, kept in fp32 under fp16 (the
+    scaler unscales fp32 gradients only; PEFT's adapters already are)."""
+
+    def __init__(self, params, device, precision: str):
+        import torch
+
+        self.fp16 = precision == "fp16"
+        self.device_type = torch.device(device).type
+        self.autocast_on = self.fp16 and torch.amp.is_autocast_available(self.device_type)
+        self.scaler = torch.amp.GradScaler(self.device_type) if self.fp16 else None
+        if self.fp16:
+            for p in params:
+                if p.dtype != torch.float32:
+                    p.data = p.data.float()
+
+    def autocast(self):
+        import torch
+
+        return torch.autocast(self.device_type, dtype=torch.float16, enabled=self.autocast_on)
+
+    def backward(self, loss) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def clip(self, opt, params, max_norm: float | None) -> float:
+        """The true gradients' norm, clipped to ``max_norm`` (None or 0: not clipped)."""
+        import torch
+
+        if self.scaler is not None:
+            self.scaler.unscale_(opt)  # clip (and judge) the true gradients, not the scaled ones
+        return torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")).item()
+
+    def skipped(self, loss: float, grad_norm: float) -> bool:
+        """This step is one the scaler skips (not a divergence: :func:`scaler_skipped`)."""
+        return scaler_skipped(self.fp16, loss, grad_norm)
+
+    def step(self, opt) -> None:
+        if self.scaler is None:
+            opt.step()
+        else:
+            self.scaler.step(opt)  # skips the update when a gradient is non-finite
+            self.scaler.update()
+
+
 @dataclass
 class RunSettings:
     """Where and how a trial runs, the same fields for every method's config; the engine sets

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainables.adapters import AdapterConfig, doc, prompt_kl, training_examples
-from trainables.common import DivergenceGuard, length_grouped_batches, scaler_skipped
+from trainables.common import DivergenceGuard, MixedPrecision, length_grouped_batches
 from trainables.tensors import pad_batch
 
 
@@ -142,23 +142,14 @@ class LoraRun:
         self.steps_per_epoch = math.ceil(math.ceil(len(self.examples) / cfg.batch_size) / cfg.grad_accum)
         total = self.steps_per_epoch * cfg.epochs
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        # fp16: autocast forwards and a loss scaler (bf16 has fp32's range and needs neither)
-        self.fp16 = session.precision == "fp16"
-        device_type = torch.device(session.device).type
-        self.autocast = self.fp16 and torch.amp.is_autocast_available(device_type)
-        self.scaler = torch.amp.GradScaler(device_type) if self.fp16 else None
-        if self.fp16:
-            # the scaler unscales fp32 gradients only: PEFT keeps the adapters in fp32, make sure
-            for p in self.params:
-                if p.dtype != torch.float32:
-                    p.data = p.data.float()
+        self.amp = MixedPrecision(self.params, session.device, session.precision)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = get_scheduler(cfg.schedule, self.opt, num_warmup_steps=int(cfg.warmup_ratio * total),
                                    num_training_steps=total)
         self.rng, self.guard = random.Random(cfg.seed), DivergenceGuard()
         self.step = self.epoch0 = 0
         restored = session.restore()
-        got = (_load(Path(restored), self.model, self.opt, self.sched, self.rng, self.guard, self.scaler)
+        got = (_load(Path(restored), self.model, self.opt, self.sched, self.rng, self.guard, self.amp.scaler)
                if restored else None)
         if got:
             self.step, self.epoch0 = got
@@ -215,14 +206,12 @@ class LoraRun:
         self.opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for micro, idx in enumerate(group):
-            with torch.autocast(torch.device(self.session.device).type, dtype=torch.float16, enabled=self.autocast):
+            with self.amp.autocast():
                 loss = self.micro_batch_loss(idx, (self.step * cfg.grad_accum + micro) * self.world + self.rank)
             loss = loss / len(group)
-            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+            self.amp.backward(loss)
             loss_sum += loss.item()
-        if self.scaler is not None:
-            self.scaler.unscale_(self.opt)  # clip (and judge) the true gradients, not the scaled ones
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf")).item()
+        grad_norm = self.amp.clip(self.opt, self.params, cfg.max_grad_norm)
         if self.distributed:
             # every rank must judge the same numbers: the gradients are already averaged (DDP),
             # the loss is each rank's own; a rank that stopped alone would leave the others
@@ -233,13 +222,9 @@ class LoraRun:
         self.session.note(step=self.step, train_loss=loss_sum, epoch=self.step / max(1, self.steps_per_epoch))
         # fp16: non-finite gradients with a finite loss are the scaler's to handle (it skips the
         # update and lowers its scale), not a divergence; a non-finite loss still is
-        skipped = scaler_skipped(self.fp16, loss_sum, grad_norm)
+        skipped = self.amp.skipped(loss_sum, grad_norm)
         self.guard.check(self.step, loss_sum, grad_norm, skipped=skipped)
-        if self.scaler is None:
-            self.opt.step()
-        else:
-            self.scaler.step(self.opt)  # skips the update when a gradient is non-finite
-            self.scaler.update()
+        self.amp.step(self.opt)
         if not skipped:  # as the Trainer does: a skipped update does not advance the schedule
             self.sched.step()
         self.step += 1
@@ -272,13 +257,13 @@ class LoraRun:
     def save(self, epoch: int):
         """A checkpoint writer for the session (this state after ``epoch`` epochs)."""
         return lambda path: _save(path, self.model, self.opt, self.sched, self.step, epoch, self.rng, self.guard,
-                                  self.scaler)
+                                  self.amp.scaler)
 
     def precision_figures(self) -> dict:
         """What a report says about fp16 loss scaling (nothing in fp32 / bf16)."""
-        if self.scaler is None:
+        if self.amp.scaler is None:
             return {}
-        return {"scaler_skipped_steps": self.guard.skipped, "loss_scale": float(self.scaler.get_scale())}
+        return {"scaler_skipped_steps": self.guard.skipped, "loss_scale": float(self.amp.scaler.get_scale())}
 
 
 def fit(cfg: LoraTrainConfig, session) -> dict:

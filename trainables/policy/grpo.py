@@ -147,7 +147,7 @@ def fit(cfg: GrpoTrainConfig, session) -> dict:
         from trainables.adapters import supervised_warmup
 
         losses = supervised_warmup(model, tokenizer, cfg.dataset, cfg.sft_epochs, cfg.sft_lr, seed=cfg.seed,
-                                   max_grad_norm=cfg.max_grad_norm or 1.0)
+                                   max_grad_norm=cfg.max_grad_norm or 1.0, precision=session.precision)
         m, _ = session.evaluate(model, tokenizer, final=False)
         print(f"SFT warm start: {cfg.sft_epochs} epoch(s), loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
               f"efficacy {m['efficacy']:.3f} generalization {m['generalization']:.3f} locality {m['locality']:.3f}",
