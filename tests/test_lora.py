@@ -469,7 +469,7 @@ def test_evaluation_decodes_only_what_it_cannot_prove_and_scores_the_same(small_
     got = {(name, quick): evaluation.evaluate(m, tok, migrations, locality, base_loc, quick=quick)
            for name, m in (("base", base_model), ("adapted", adapted)) for quick in (False, True)}
     assert got["base", False][0]["locality"] == 1.0 and got["base", False][0]["decoded"] < 1.0
-    monkeypatch.setattr(scoring, "_trunk", lambda model: None)  # no proofs: decode everything
+    monkeypatch.setattr(scoring, "_plain", lambda model: None)  # no proofs: decode everything
     for (name, quick), (metrics, preds) in got.items():
         m = base_model if name == "base" else adapted
         want, want_preds = evaluation.evaluate(m, tok, migrations, locality, base_loc, quick=quick)
@@ -493,7 +493,7 @@ def test_an_unmerged_lora_model_is_proven_and_scored_like_its_merged_copy(small_
     base_loc = evaluation.generate(base_model, tok, [s.prompt for s in locality])
     model, _ = load_model("testbed")
     adapted = _moved(attach_lora(model, _cfg()), 0.02).eval()  # moved, but most lines survive
-    assert scoring._trunk(adapted) is not None
+    assert scoring._trunk(scoring._plain(adapted)) is not None
     merged, merged_preds = evaluation.evaluate(adapted, tok, migrations, locality, base_loc)
     monkeypatch.setattr(decoding, "MERGED_COPY_MAX_PARAMS", 0)
     assert evaluation.merged_copy(adapted) is adapted

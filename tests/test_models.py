@@ -364,3 +364,34 @@ def test_a_sweep_of_an_unknown_architecture_stops_in_one_line_before_ray(tmp_pat
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "'mamba'" in lines[0] and "ArchFacts" in lines[0], out.stderr
     assert "ray" not in out.stdout.lower()
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "granite", "gpt2"])
+def test_every_plain_model_is_proven_and_scores_as_if_decoded(family, small_testbed, fixture_data, tmp_path):
+    """The teacher-forced proofs apply to any plain model, whether the head reads the scored
+    positions only (Gemma 3) or every position (Granite's scaled logits, GPT-2): the evaluation
+    with proofs gives the metrics and predictions of decoding every prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainables import evaluation
+    from trainables.evaluation import scoring
+
+    folder = _tiny_model(family, small_testbed, tmp_path / family)
+    model, tok = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    tok.padding_side = "left"
+    assert (scoring._trunk(scoring._plain(model)) is not None) == (family == "gemma3_text")
+    migrations, locality = fixture_data
+    base_loc = evaluation.generate(model, tok, [s.prompt for s in locality])
+    proven, proven_preds = evaluation.evaluate(model, tok, migrations, locality, base_loc)
+    # a random model rarely stops where a proof can close; Gemma 3's through its head-only pass
+    assert proven["decoded"] < 1.0 or family != "gemma3_text", proven
+    real_plain = scoring._plain
+    try:
+        scoring._plain = lambda m: None  # no proofs: decode everything
+        decoded, decoded_preds = evaluation.evaluate(model, tok, migrations, locality, base_loc)
+    finally:
+        scoring._plain = real_plain
+    assert decoded["decoded"] == 1.0 and proven_preds == decoded_preds
+    for key, value in decoded.items():
+        if key != "decoded":
+            assert proven[key] == pytest.approx(value, abs=1e-6), key

@@ -104,6 +104,18 @@ ARCH_FACTS: dict[str, ArchFacts] = {
 # (lora.BasePass) or the head on chosen positions only (evaluation.score_lines). The other
 # families above run every such pass as one whole-model forward instead.
 SHARED_TRUNK_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+# Decoders whose logits are ``lm_head(decoder(ids).last_hidden_state)`` but whose layers are not
+# called alike (Gemma 3 alternates sliding-window and global layers, each with its own rotary
+# table): the head may read chosen positions only, no pass may start part-way up the stack. Only
+# while the config adds nothing after the head (``head_only``).
+HEAD_ONLY_TYPES = ("gemma3_text",)
+
+
+def head_only(config) -> bool:
+    """Whether ``config``'s logits are its head applied to its decoder's last hidden states."""
+    if config.model_type in SHARED_TRUNK_TYPES:
+        return True
+    return config.model_type in HEAD_ONLY_TYPES and getattr(config, "final_logit_softcapping", None) is None
 
 
 def arch_facts(config) -> ArchFacts:

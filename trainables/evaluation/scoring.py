@@ -7,24 +7,31 @@ from trainables.evaluation.decoding import MAX_NEW_TOKENS
 from trainables.token_rules import bracket_depth, clean_stop_ids, encode, fit_to_vocab, line_start_mask, prompt_pieces
 
 
-def _trunk(model):
-    """(decoder, head) when ``model``'s logits are ``head(decoder(...).last_hidden_state)`` (a
-    plain model of a ``SHARED_TRUNK_TYPES`` architecture, or a PEFT LoRA model of one: LoRA's
-    layers sit inside the base model, whose forward is then the adapted one): only the scored
-    positions go through the head. None for anything else (a sampler, other architectures).
-
-    Without it every position goes through the head: on SmolLM2 (49,152 x 576) that is more
-    than the 30 layers cost, and a LoRA model too large for ``merged_copy`` took minutes."""
+def _plain(model):
+    """The ``PreTrainedModel`` whose forward ``model``'s is: itself, or the base model of a PEFT
+    LoRA model (LoRA's layers sit inside it, so its forward is the adapted one); None for
+    anything else (a sampler's argmax is not greedy decoding)."""
     from transformers import PreTrainedModel
-
-    from trainables.models import SHARED_TRUNK_TYPES
 
     peft = getattr(model, "peft_config", None)
     if peft is not None and hasattr(model, "get_base_model") and all(c.peft_type == "LORA" for c in peft.values()):
         model = model.get_base_model()
-    if not isinstance(model, PreTrainedModel) or model.config.model_type not in SHARED_TRUNK_TYPES:
+    return model if isinstance(model, PreTrainedModel) else None
+
+
+def _trunk(plain):
+    """(decoder, head) when the logits of ``plain`` (:func:`_plain`) are
+    ``head(decoder(...).last_hidden_state)`` (``models.head_only``): only the scored positions go
+    through the head. None otherwise: every position does.
+
+    Without it every position goes through the head: on SmolLM2 (49,152 x 576) that is more
+    than the 30 layers cost, on Gemma 3 270M (262,144 x 640) several times more, and a LoRA model
+    too large for ``merged_copy`` took minutes."""
+    from trainables.models import head_only
+
+    if plain is None or not head_only(plain.config):
         return None
-    return model.get_decoder(), model.get_output_embeddings()
+    return plain.get_decoder(), plain.get_output_embeddings()
 
 
 def score_lines(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 96,
@@ -40,8 +47,8 @@ def score_lines(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int 
     before it, and then stops with nothing more on the line iff the next argmax is a stop token
     that starts with a newline (or EOS), unless the line already fills ``max_new_tokens``.
     Lines that do not survive a decode/encode round trip, or are longer than that, are never
-    verified. Only plain models of ``SHARED_TRUNK_TYPES`` architectures are verified (a
-    sampler's argmax is not greedy decoding); the verdict agrees with decoding up to float
+    verified. Only plain models (:func:`_plain`) are verified (a sampler's argmax is not greedy
+    decoding); the verdict agrees with decoding up to float
     rounding between a full pass and incremental KV-cached steps (a near-tie can fall either
     way in both).
 
@@ -64,7 +71,8 @@ def score_lines(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int 
     from trainables.tensors import pad_states, stack
 
     device = next(model.parameters()).device
-    trunk = _trunk(model)
+    plain = _plain(model)
+    trunk = _trunk(plain)
     stops = torch.tensor(sorted(clean_stop_ids(tokenizer)), dtype=torch.long, device=device)
     heads = heads or [""] * len(pairs)
     enc, checkable, at_start = [], [], []
@@ -75,7 +83,7 @@ def score_lines(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int 
         at_start.append(start)
         # decoding stops after the line only where its brackets close (statement_end); a blank
         # line after a line break is not where decoding stops (it waits for the statement)
-        checkable.append(trunk is not None and "\n" not in line and len(c) <= max_new_tokens
+        checkable.append(plain is not None and "\n" not in line and len(c) <= max_new_tokens
                          and (bracket_depth(line, bracket_depth(head)) <= 0 or len(c) == max_new_tokens)
                          and not (start and not line.strip())
                          and tokenizer.decode(c, skip_special_tokens=True) == lead + line)
