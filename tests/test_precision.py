@@ -335,3 +335,27 @@ def test_grpos_supervised_warm_start_scales_its_fp16_loss_like_the_lora_loop(tin
     losses = supervised_warmup(model, tok, None, 2, 5e-3, batch_size=4, precision="fp16")
     assert calls["n"] > 1 and scales[:2] == [2.0**16, 2.0**15], scales[:3]  # skipped once, scale halved
     assert len(losses) == 2 and all(x == x and abs(x) != float("inf") for x in losses) and losses[-1] < losses[0], losses
+
+
+def test_cpu_trials_ask_ray_for_their_memory_and_are_packed_by_it(monkeypatch, small_testbed, capsys):
+    """A model whose trial needs ~12 GB runs one trial at a time on a node offering 17.5 GB, two
+    CPUs or not; the testbed's trials are packed by CPUs; a request never exceeds a node."""
+    from types import SimpleNamespace
+
+    from trainables.models import trial_memory_bytes
+    from trainables.sweep import run
+
+    monkeypatch.setattr(run, "max_gpus_per_node", lambda: 0.0)
+    monkeypatch.setattr(run, "max_memory_per_node", lambda: 17.5e9)
+    args = SimpleNamespace(gpus_per_trial=None, cpus_per_trial=1, workers_per_trial=1, max_concurrent=None)
+    cluster = {"CPU": 2.0, "memory": 17.5e9}
+    big = run.plan_slots(args, cluster, int(11.8e9))
+    assert big.concurrent == 1 and big.trial_resources == {"cpu": 1, "gpu": 0.0, "memory": 11.8e9}
+    assert "1 trial(s) at once, not 2" in capsys.readouterr().out
+    tb = trial_memory_bytes(str(small_testbed))
+    assert 0 < tb < 1e9
+    small = run.plan_slots(args, cluster, tb)
+    assert small.concurrent == 2 and small.trial_resources["memory"] == tb
+    huge = run.plan_slots(args, cluster, int(40e9))
+    assert huge.concurrent == 1 and huge.trial_resources["memory"] == 17.5e9
+    assert run.plan_slots(args, cluster, None).trial_resources == {"cpu": 1, "gpu": 0.0}  # a hub id: no estimate

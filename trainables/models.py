@@ -357,5 +357,25 @@ def load_model(name: str, device: str = "cpu", dtype: str | None = None, gradien
     return model, tokenizer
 
 
+def trial_memory_bytes(path: str, tokens: int = 16 * 128) -> int | None:
+    """A CPU trial's host memory for the model in folder ``path``, estimated from its files: three
+    fp32 copies of the weights (the trained model, the base model or a merged copy the evaluation
+    scores, the loader's transient one) and four fp32 logit tensors over ``tokens`` positions
+    (logits, their gradient, the softmax and a float copy: what a 262k vocabulary makes large;
+    16 rows of 128 tokens is a training batch). None where the folder cannot be read (a hub id)."""
+    folder = Path(path)
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
+    if not files:
+        return None
+    width = {"float32": 4, "bfloat16": 2, "float16": 2}.get(str(cfg.get("dtype") or cfg.get("torch_dtype")), 4)
+    params = sum(f.stat().st_size for f in files) // width
+    vocab = int(cfg.get("vocab_size") or 0)
+    return 3 * 4 * params + 4 * 4 * tokens * vocab
+
+
 def num_layers(model) -> int:
     return int(model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else model.config.n_layer)

@@ -21,6 +21,7 @@ from trainables.sweep.checks import (
     ROOT, UsageError, check_dataset, check_local_gpus, check_model, check_sandbox, check_writable, load_config_file,
     resolve_model_path,
 )
+from trainables.models import trial_memory_bytes
 from trainables.sweep.methods import Method
 from trainables.trial import CONTEXT_FILE, TrialContext
 
@@ -186,8 +187,18 @@ def max_gpus_per_node() -> float:
     return max((n.get("Resources", {}).get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
 
 
-def plan_slots(args, resources: dict) -> Slots:
-    """Per-trial resources from the flags and what the cluster offers; one-line errors."""
+def max_memory_per_node() -> float:
+    import ray
+
+    return max((n.get("Resources", {}).get("memory", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+
+
+def plan_slots(args, resources: dict, trial_memory: int | None = None) -> Slots:
+    """Per-trial resources from the flags and what the cluster offers; one-line errors.
+
+    ``trial_memory``: a CPU trial's host memory (``models.trial_memory_bytes``), asked of Ray
+    with the CPUs, so that Ray never packs more trials on a node than its memory holds (two Gemma
+    3 270M trials overran a 24 GB node, whose memory monitor then killed one)."""
     gpus_here = max_gpus_per_node()
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if gpus_here >= 1 else 0.0)
     if gpus > 0 and gpus > max(gpus_here, 0.0):
@@ -210,6 +221,15 @@ def plan_slots(args, resources: dict) -> Slots:
     else:
         trial_resources = {"cpu": cpus, "gpu": gpus}
         slots = int(resources.get("CPU", 1) // cpus) or 1
+        node_memory = max_memory_per_node()
+        if gpus == 0 and trial_memory and node_memory:
+            ask = min(float(trial_memory), node_memory)  # more than a node has would never be placed
+            trial_resources["memory"] = ask
+            by_memory = max(1, int(resources.get("memory", node_memory) // ask))
+            if by_memory < slots:
+                print(f"{by_memory} trial(s) at once, not {slots}: each needs ~{trial_memory / 1e9:.1f} GB of "
+                      f"host memory, the largest node offers {node_memory / 1e9:.1f} GB", flush=True)
+                slots = by_memory
     if gpus > 0:  # each DDP worker takes its own GPU share
         slots = min(slots, int(resources.get("GPU", 0) // (gpus * workers)) or 1)
     return Slots(cpus, gpus, workers, trial_resources, args.max_concurrent or max(1, slots))
@@ -252,7 +272,7 @@ def _trial_dirname(trial) -> str:
 # --------------------------------------------------------------------------- the run
 def run(method: Method, args) -> int:
     setup = check_inputs(method, args)
-    slots = plan_slots(args, init_ray(args))
+    slots = plan_slots(args, init_ray(args), trial_memory_bytes(resolve_model_path(setup.model)))
     if args.address and args.tracking_uri is None:  # on a cluster: only once the nodes have been asked
         check_writable(setup.home)
 
