@@ -442,7 +442,7 @@ def rerun(method: Method, args, setup: Setup, ctx: TrialContext, trainable, trac
     if m.get("trial_status") == STATUS_FAILED:
         print(f"error: the re-run failed: {m.get('failure_reason')}", file=sys.stderr)
         return 1
-    print(f"re-run of {args.config} finished; MLflow run {setup.name} in experiment {method.name}:")
-    print(json.dumps({k: m.get(k) for k in SHOW + ["trial_status"] if k in m}))
+    print(f"re-run of {args.config} finished; MLflow run {setup.name} in experiment {method.name}")
     print(f"browse it: {browse_url(tracking_uri, exp_id)}")
+    print(json.dumps({k: m.get(k) for k in SHOW + ["trial_status"] if k in m}))  # last: read by scripts
     return 0
