@@ -33,9 +33,10 @@ import sys
 sys.path[0] = str(pathlib.Path(__file__).resolve().parent.parent)  # the project root, not sweeps/
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-COLUMNS = ("efficacy", "generalization", "locality", "specificity", "locality_exact", "specificity_exact", "api_correct",
+COLUMNS = ("efficacy", "generalization", "generalization_lax", "locality", "specificity", "over_application",
+           "locality_exact", "specificity_exact", "api_correct",
            "objective", "trainable_params", "standard_lora_params", "trial_seconds", "test_generalization", "test_locality",
-           "test_specificity")
+           "test_specificity", "test_over_application")
 INT_COLUMNS = ("trainable_params", "standard_lora_params")
 
 
@@ -98,8 +99,8 @@ def best_rows(client, methods, sweep_prefix=None, model=None) -> list[dict]:
     return rows
 
 
-HISTORY_HEAD = ("| method | sweep | completed | efficacy | generalization | locality | specificity | test gen. | "
-                "test loc. | test spec. | params | vs LoRA | trial s |")
+HISTORY_HEAD = ("| method | sweep | completed | efficacy | generalization | locality | specificity | over-app. | "
+                "test gen. | test loc. | test spec. | params | vs LoRA | trial s |")
 
 
 def history_tables(client, methods, sweep_prefix=None, model=None) -> dict[str, str]:
@@ -115,7 +116,7 @@ def history_tables(client, methods, sweep_prefix=None, model=None) -> dict[str, 
         for (m, sweep), runs in sorted(sweeps.items()):
             best = max(runs, key=lambda r: rank(r.data.metrics, r.data.tags.get("trial_id"))).data.metrics
             cells = [_fmt(best.get(k)) for k in ("efficacy", "generalization", "locality", "specificity",
-                                                  "test_generalization", "test_locality", "test_specificity")]
+                                                  "over_application", "test_generalization", "test_locality", "test_specificity")]
             by.setdefault(m, []).append(
                 f"| {name} | {sweep} | {len(runs)} | " + " | ".join(cells) + f" | {int(best.get('trainable_params', 0)):,} | "
                 f"{vs_lora(best.get('trainable_params'), best.get('standard_lora_params'))} | "
@@ -147,14 +148,15 @@ def vs_lora(trainable, standard) -> str:
 def markdown(rows: list[dict], ids: bool = True) -> str:
     """The rows as a Markdown table; ``ids``: with the column naming each row's sweep and trial
     (for finding it in MLflow; a document meant to outlive the store leaves it out)."""
-    head = ["method", "efficacy", "generalization", "locality", "specificity", "loc. / spec. exact", "test gen.",
+    head = ["method", "efficacy", "generalization", "locality", "specificity", "over-app.", "loc. / spec. exact",
+            "test gen.",
             "test loc.", "test spec.", "trainable params", "vs LoRA", "trial s", "objective"] + (["sweep / trial"] if ids else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     f = _fmt
     for r in rows:
         lines.append("| " + " | ".join([
             r["method"], f(r["efficacy"]), f(r["generalization"]), f(r["locality"]), f(r["specificity"]),
-            f"{f(r.get('locality_exact'))} / {f(r.get('specificity_exact'))}",
+            f(r.get("over_application")), f"{f(r.get('locality_exact'))} / {f(r.get('specificity_exact'))}",
             f(r["test_generalization"]), f(r["test_locality"]), f(r["test_specificity"]),
             f(r["trainable_params"], "{:,}"), vs_lora(r["trainable_params"], r.get("standard_lora_params")),
             f(r["trial_seconds"], "{:.0f}"), f(r["objective"])]

@@ -74,3 +74,54 @@ def test_attribute_name_is_exact():
 def test_bad_patterns_are_rejected(bad):
     with pytest.raises(ValueError):
         parse_pattern(bad)
+
+
+LOG = 'import pandas as pd\nlog = pd.DataFrame({"step": [1]})\nnew_rows = pd.DataFrame({"step": [2]})\n'
+LOG_REF = "log = pd.concat([log, new_rows], ignore_index=True)"
+
+
+@pytest.mark.parametrize("completion, lax, strict", [
+    ("log = pd.concat", True, False),  # names the API, calls nothing
+    ("log = pd.concat(new_rows)", True, False),  # drops the frame the old line appended to
+    ("log = pd.concat([log, new_rows])", True, True),  # the working call, without the reference's keyword
+    (LOG_REF, True, True),
+    ("log = log.append(new_rows, ignore_index=True)", False, False),
+    ("log = pd.concat([log, new_rows]", False, False),  # does not parse
+])
+def test_the_strict_check_wants_the_working_call_on_the_prompts_data(completion, lax, strict):
+    c = check_completion(LOG, completion, ".append", "pandas.concat", LOG_REF)
+    assert (c.lax, c.correct) == (lax, strict)
+    assert check_completion(LOG, completion, ".append", "pandas.concat").correct == lax  # no reference: lax
+
+
+def test_the_strict_check_follows_how_the_reference_uses_the_api():
+    p = "import pandas as pd\ninventory = pd.read_csv('inv.csv')\nitem = 'bolt'\n"
+    ref = 'qty = inventory.loc[item, "qty"]'
+    assert check_completion(p, 'qty = inventory.loc[item, "qty"]', ".ix", ".loc", ref).correct
+    assert not check_completion(p, "qty = inventory.loc", ".ix", ".loc", ref).correct  # not indexed
+    # a value, not a call, in the reference: naming it on the same data is the whole use
+    p = "import numpy as np\nsize = 3\n"
+    ref = "res = np.full(size, np.nan)"
+    assert check_completion(p, "res = np.full(size, np.nan)", "numpy.NaN", "numpy.nan", ref).correct
+    assert not check_completion(p, "res = np.full(4, np.nan)", "numpy.NaN", "numpy.nan", ref).correct
+    # a keyword replacement is a call by its pattern
+    p = "from sklearn.preprocessing import OneHotEncoder\n"
+    ref = "enc = OneHotEncoder(sparse_output=False)"
+    assert check_completion(p, ref, "sklearn.preprocessing.OneHotEncoder(sparse=)",
+                            "sklearn.preprocessing.OneHotEncoder(sparse_output=)", ref).correct
+
+
+def test_every_reference_line_of_the_data_passes_its_own_strict_check_and_its_bare_name_does_not():
+    from trainables.data import PROJECT_DATA, load_migrations, load_test_contexts
+
+    migrations = load_migrations(PROJECT_DATA / "migrations.jsonl")
+    tests = load_test_contexts(PROJECT_DATA / "test_contexts.jsonl", migrations)
+    bare = 0
+    for m in migrations:
+        for c in (*m.train_contexts, *m.probe_contexts, *tests[m.id]):
+            assert check_completion(c.prompt, c.new, m.deprecated, m.replacement, c.new).correct, (m.id, c.new)
+            if "(" in c.new:  # the statement cut before its first call's arguments
+                stub = check_completion(c.prompt, c.new[: c.new.index("(")], m.deprecated, m.replacement, c.new)
+                assert not stub.correct, (m.id, c.new)
+                bare += stub.lax
+    assert bare > 100  # the lax check passes hundreds of such stubs

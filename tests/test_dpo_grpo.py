@@ -91,7 +91,7 @@ def test_dpo_resume_continues_at_the_next_epoch(small_testbed, tmp_path):
 def test_dpo_divergence_guard_stops_the_trial(small_testbed):
     history: list[dict] = []
     out = dpo_loop(_dpo(lr=50.0, max_grad_norm=None, epochs=2, sft_weight=0.0, beta=0.5), local_reporter(history))
-    assert out["trial_status"] == "diverged" and out["objective"] == -10.0 and out["final"]
+    assert out["trial_status"] == "diverged" and out["objective"] == -12.0 and out["final"]
     assert "diverged_reason" in out
 
 

@@ -166,7 +166,7 @@ def test_worker_sigkill_is_retried_then_failed_and_oom_is_penalised(tmp_path, sm
     assert "ActorDiedError" in killed["tags"]["failure_reason"] or "died" in killed["tags"]["failure_reason"]
     assert oomed["tags"]["trial_status"] == "failed" and oomed["status"] == "FAILED"
     assert "OutOfMemoryError" in oomed["tags"]["failure_reason"]
-    assert oomed["metrics"]["objective"] == -10.0
+    assert oomed["metrics"]["objective"] == -12.0
     others = [k for k in kids if k not in (killed, oomed)]
     assert all(k["tags"]["trial_status"] in ("completed", "pruned", "diverged") for k in others), others
 
@@ -175,7 +175,7 @@ def test_worker_sigkill_is_retried_then_failed_and_oom_is_penalised(tmp_path, sm
     assert len(study.trials) == 4, states
     # The crash is not the config's fault: FAIL (TPE ignores it). The OOM is: a penalised value.
     assert states.count(TrialState.FAIL.name) == 1, states
-    assert [t.value for t in study.trials if t.state == TrialState.COMPLETE].count(-10.0) >= 1
+    assert [t.value for t in study.trials if t.state == TrialState.COMPLETE].count(-12.0) >= 1
 
 
 @pytest.mark.slow

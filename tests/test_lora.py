@@ -27,7 +27,7 @@ def test_training_lowers_the_loss(small_testbed):
 def test_divergence_guard_stops_lr_10(small_testbed):
     history: list[dict] = []
     out = run_one(_cfg(lr=10.0, max_grad_norm=None), local_reporter(history))
-    assert out["trial_status"] == "diverged" and out["objective"] == -10.0
+    assert out["trial_status"] == "diverged" and out["objective"] == -12.0
     assert out["step"] < out["total_steps"]  # stopped at once, not after all epochs
     assert "diverged_reason" in out
 

@@ -241,7 +241,7 @@ def test_an_out_of_memory_beside_another_trial_teaches_tpe_nothing_and_alone_it_
     search.on_trial_complete("alone", alone)
     packed, single = search._ot_study.trials
     assert packed.state == TrialState.FAIL
-    assert single.state == TrialState.COMPLETE and single.value == alone["objective"] == -10.0
+    assert single.state == TrialState.COMPLETE and single.value == alone["objective"] == -12.0
 
 
 def test_pruned_aware_search_adopts_a_trial_it_never_suggested():
@@ -391,3 +391,23 @@ def test_every_sampled_parameter_is_a_config_field_or_a_search_only_helper(name)
     names = {f.name for f in fields(method.config_cls)}
     assert set(space_distributions(method, 12, 3)) - names <= set(SEARCH_ONLY)
     assert not names & set(SEARCH_ONLY)  # a helper never reaches the method's config
+
+
+def test_over_application_above_its_ceiling_costs_the_objective_and_feasibility(monkeypatch):
+    from trainables.objective import LOCALITY_PENALTY, OVER_APPLICATION_CEILING, feasible, objective, rank
+
+    monkeypatch.delenv("APIUPDATE_MAX_OVER_APPLICATION", raising=False)
+    base = {"generalization": 0.6, "locality": 0.99, "specificity": 0.99}
+    within = {**base, "over_application": OVER_APPLICATION_CEILING}
+    over = {**base, "over_application": 0.15}
+    assert objective(within) == 0.6 and feasible(within)
+    assert objective(over) == pytest.approx(0.6 - LOCALITY_PENALTY * (0.15 - OVER_APPLICATION_CEILING))
+    assert not feasible(over)
+    assert feasible({**over, "max_over_application": 0.2})  # the ceiling a report was scored under
+    monkeypatch.setenv("APIUPDATE_MAX_OVER_APPLICATION", "0.2")  # a sweep's --max-over-application
+    assert objective(over) == 0.6 and feasible(over)
+    assert not feasible({"test_locality": 1.0, "test_over_application": 0.3}, prefix="test_")
+    # a feasible trial with less generalization is chosen over an infeasible one with more
+    monkeypatch.delenv("APIUPDATE_MAX_OVER_APPLICATION")
+    a, b = {**within, "objective": 0.6}, {**over, "generalization": 0.9, "objective": 0.8}
+    assert max([("a", a), ("b", b)], key=lambda t: rank(t[1], t[0]))[0] == "a"

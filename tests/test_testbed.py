@@ -116,3 +116,33 @@ def test_specificity_counts_lookalikes_the_update_no_longer_completes_as_the_bas
     assert got["specificity_exact"] == 0.0 and got["specificity"] < 0.5 and got["locality"] == same["locality"]
     assert got["objective"] == pytest.approx(same["objective"] - LOCALITY_PENALTY * (LOCALITY_FLOOR - got["specificity"]))
     assert sum(p.kind == "specificity" for p in preds) == len(val.specificity)
+
+
+def test_the_triggered_subset_holds_exactly_the_probes_where_the_base_model_writes_the_old_api(small_testbed):
+    """EDAPIBench's filter, made with the references: on it the base model itself has a
+    deprecated-use rate of exactly 1 and no strict hit; every other probe it completes without
+    the old API."""
+    from dataclasses import replace
+
+    from trainables.apicheck import check_completion
+    from trainables.evaluation import default_eval_data
+    from trainables.models import load_model
+
+    model, tok = load_model("testbed")
+    val = default_eval_data("testbed").validation
+    got, preds = val.evaluate(model, tok)
+    assert got["n_triggered"] == len(val.triggered) > 0
+    assert got["deprecated_use_rate"] == 1.0 and got["replacement_hit_rate"] == 0.0
+    by_id = {m.id: m for m in val.migrations}
+    for p in (p for p in preds if p.kind == "probe"):
+        m = by_id[p.ref_id]
+        i = [c.prompt for c in m.probe_contexts].index(p.prompt)
+        assert check_completion(p.prompt, p.completion, m.deprecated, m.replacement).uses_old == \
+            ((m.id, i) in val.triggered)
+    # over every probe, the subset's figures are the probe figures
+    every = frozenset((m.id, i) for m in val.migrations for i in range(len(m.probe_contexts)))
+    whole, _ = replace(val, triggered=every).evaluate(model, tok)
+    assert whole["deprecated_use_rate"] == whole["old_api_rate"]
+    assert whole["replacement_hit_rate"] == whole["generalization"]
+    none, _ = replace(val, triggered=frozenset()).evaluate(model, tok)
+    assert none["n_triggered"] == 0 and "deprecated_use_rate" not in none

@@ -72,7 +72,7 @@ def test_a_diverged_trial_is_reported_by_the_lifecycle_for_every_adapter_method(
     history: list[dict] = []
     out = run_trial(METHODS["lora"], {"lr": 10.0, "max_grad_norm": None, "epochs": 2, "batch_size": 4},
                     TrialContext(n_layers=4, threads=1), local_reporter(history))
-    assert out["trial_status"] == "diverged" and out["objective"] == -10.0
+    assert out["trial_status"] == "diverged" and out["objective"] == -12.0
     assert [h["trial_status"] for h in history] == ["diverged"] and out["trainable_params"] > 0 and out["final"]
 
 
@@ -153,3 +153,21 @@ def test_a_snippets_figures_do_not_depend_on_what_is_scored_beside_it(small_test
     mixed = score_lines(model, tok, contexts + snippets, batch_size=8, argmax=True,
                         groups=[0] * len(contexts) + [1] * len(snippets))
     assert mixed[len(contexts):] == alone
+
+
+def test_a_sweeps_over_application_ceiling_reaches_its_trials_reports(small_testbed, monkeypatch):
+    """--max-over-application travels in the trial context: every report says the ceiling it was
+    scored under, and a later reader (rank, compare.py) applies that one, not its own."""
+    from trainables.common import local_reporter
+    from trainables.objective import OVER_APPLICATION_CEILING, objective
+    from trainables.sweep.methods import METHODS
+    from trainables.trial import TrialContext, run_trial
+
+    monkeypatch.delenv("APIUPDATE_MAX_OVER_APPLICATION", raising=False)
+    for ceiling, said in ((None, OVER_APPLICATION_CEILING), (0.5, 0.5)):
+        history = []
+        out = run_trial(METHODS["prompt"], {"strategy": "basic"},
+                        TrialContext(n_layers=4, threads=1, max_over_application=ceiling), local_reporter(history))
+        assert out["max_over_application"] == said and all(h["max_over_application"] == said for h in history)
+        assert out["objective"] == objective(out)
+        monkeypatch.delenv("APIUPDATE_MAX_OVER_APPLICATION", raising=False)

@@ -10,6 +10,13 @@ Patterns (documented in data/README.md):
 
 Only nodes on the completion's lines are matched; imports are read from the whole program,
 so ``import numpy as np`` in the prompt makes ``np.float`` in the completion ``numpy.float``.
+
+Given the reference new line, the check is strict (``ApiCheck.correct``): the new API is used
+as the reference uses it (called where the reference calls it, subscripted where it indexes
+with it), and the completion reads every variable of the prompt that the reference reads
+(``log`` and ``new_rows`` in ``log = pd.concat([log, new_rows])``). ``log = pd.concat`` and
+``pd.concat(new_rows)`` parse and name the new API, but neither is the working call; they pass
+only the lax check (``ApiCheck.lax``).
 """
 from __future__ import annotations
 
@@ -42,7 +49,7 @@ def parse_pattern(text: str) -> Pattern:
     return Pattern(m.group("target"), m.group("kw"))
 
 
-def _aliases(tree: ast.AST) -> dict[str, str]:
+def import_aliases(tree: ast.AST) -> dict[str, str]:
     """Map each imported local name to the qualified name it stands for."""
     out: dict[str, str] = {}
     for node in ast.walk(tree):
@@ -96,7 +103,17 @@ def _refs(node: ast.AST, pattern: Pattern, aliases: dict[str, str]) -> bool:
     return q == pattern.target
 
 
-def _matches(tree: ast.AST, first_line: int, pattern: Pattern, aliases: dict[str, str]) -> bool:
+def _uses(tree: ast.AST, first_line: int, pattern: Pattern, aliases: dict[str, str]) -> set[str]:
+    """How the completion's lines use the pattern's target: a set of roles, ``call`` (the
+    function of a call), ``index`` (the value of a subscript) or ``name`` (any other use);
+    empty where they do not use it."""
+    roles: set[str] = set()
+    role_of: dict[int, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            role_of[id(node.func)] = "call"
+        elif isinstance(node, ast.Subscript):
+            role_of[id(node.value)] = "index"
     for node in ast.walk(tree):
         if getattr(node, "lineno", 0) < first_line:
             continue
@@ -106,10 +123,26 @@ def _matches(tree: ast.AST, first_line: int, pattern: Pattern, aliases: dict[str
                 and _refs(node.func, pattern, aliases)
                 and any(k.arg == pattern.keyword for k in node.keywords)
             ):
-                return True
+                roles.add("call")
         elif _refs(node, pattern, aliases):
-            return True
-    return False
+            roles.add(role_of.get(id(node), "name"))
+    return roles
+
+
+def _matches(tree: ast.AST, first_line: int, pattern: Pattern, aliases: dict[str, str]) -> bool:
+    return bool(_uses(tree, first_line, pattern, aliases))
+
+
+def _read_names(tree: ast.AST, first_line: int) -> set[str]:
+    """The variables the completion's lines read."""
+    return {n.id for n in ast.walk(tree)
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.lineno >= first_line}
+
+
+def _prompt_names(prompt: str, aliases: dict[str, str]) -> set[str]:
+    """The identifiers the prompt defines or mentions, less its imports (the API check reads
+    those)."""
+    return set(re.findall(r"[A-Za-z_]\w*", prompt)) - set(aliases)
 
 
 @dataclass(frozen=True)
@@ -117,32 +150,55 @@ class ApiCheck:
     syntax_ok: bool
     uses_new: bool
     uses_old: bool
+    # strict parts, against the reference new line (True where none was given)
+    used_as_reference: bool = True  # called where the reference calls it, indexed where it indexes
+    keeps_data: bool = True  # reads every prompt variable the reference reads
+
+    @property
+    def lax(self) -> bool:
+        """Parses, names the replacement, and no longer uses the deprecated API."""
+        return self.syntax_ok and self.uses_new and not self.uses_old
 
     @property
     def correct(self) -> bool:
-        """Parses, uses the replacement, and no longer uses the deprecated API."""
-        return self.syntax_ok and self.uses_new and not self.uses_old
+        """The lax check, and the new API used as the reference uses it, on the same data."""
+        return self.lax and self.used_as_reference and self.keeps_data
 
 
-def check_completion(prompt: str, completion: str, deprecated: str, replacement: str) -> ApiCheck:
-    """Check the completion line(s) appended to ``prompt``.
+def check_completion(prompt: str, completion: str, deprecated: str, replacement: str,
+                     reference: str | None = None) -> ApiCheck:
+    """Check the completion line(s) appended to ``prompt``; strictly where ``reference`` (the
+    reference new line, which must use the replacement) is given.
 
-    A completion that does not parse in its prompt gets ``syntax_ok=False``; the old/new flags
-    then come from the completion alone when it parses by itself (so ``old_api_rate`` still
-    counts a truncated ``df.append(`` as nothing rather than guessing).
+    A completion that does not parse in its prompt gets ``syntax_ok=False`` and uses neither
+    API (so ``old_api_rate`` counts a truncated ``df.append(`` as nothing rather than guessing).
     """
-    program = prompt + completion
     first_line = prompt.count("\n") + 1
     try:
-        tree = ast.parse(program)
+        tree = ast.parse(prompt + completion)
     except SyntaxError:
-        return ApiCheck(False, False, False)
-    aliases = _aliases(tree)
-    return ApiCheck(
-        True,
-        _matches(tree, first_line, parse_pattern(replacement), aliases),
-        _matches(tree, first_line, parse_pattern(deprecated), aliases),
-    )
+        return ApiCheck(False, False, False, False, False)
+    aliases = import_aliases(tree)
+    new = parse_pattern(replacement)
+    roles = _uses(tree, first_line, new, aliases)
+    uses_old = _matches(tree, first_line, parse_pattern(deprecated), aliases)
+    if reference is None:
+        return ApiCheck(True, bool(roles), uses_old)
+    want_roles, want_names = _reference_use(prompt, reference, replacement)
+    return ApiCheck(True, bool(roles), uses_old, bool(roles & want_roles) or not want_roles,
+                    want_names <= _read_names(tree, first_line))
+
+
+@lru_cache(maxsize=4096)
+def _reference_use(prompt: str, reference: str, replacement: str) -> tuple[frozenset[str], frozenset[str]]:
+    """How the reference line uses the replacement (its roles) and which prompt variables it reads."""
+    tree = ast.parse(prompt + reference)
+    first_line = prompt.count("\n") + 1
+    aliases = import_aliases(tree)
+    roles = _uses(tree, first_line, parse_pattern(replacement), aliases)
+    # a call or an index is the working form; a reference that only names the API asks no more
+    want = frozenset(roles & {"call", "index"})
+    return want, frozenset(_read_names(tree, first_line) & _prompt_names(prompt, aliases))
 
 
 def parses(source: str) -> bool:
@@ -151,3 +207,27 @@ def parses(source: str) -> bool:
     except SyntaxError:
         return False
     return True
+
+
+def references(prompt: str, completion: str, pattern: str) -> list[tuple[ast.AST, ast.Call | None]]:
+    """Where ``completion`` refers to ``pattern``, in source order: each reference's Name or
+    Attribute node and the Call it is the function of (None when it is not called), positioned
+    in ``prompt + completion``; for ``P(kw=)`` only calls that pass ``kw``. Empty when the
+    program does not parse, as :func:`check_completion` then sees no use either."""
+    program = prompt + completion
+    first_line = prompt.count("\n") + 1
+    try:
+        tree = ast.parse(program)
+    except SyntaxError:
+        return []
+    p, aliases = parse_pattern(pattern), import_aliases(tree)
+    calls = {id(n.func): n for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    found = []
+    for node in ast.walk(tree):
+        if getattr(node, "lineno", 0) < first_line or not _refs(node, p, aliases):
+            continue
+        call = calls.get(id(node))
+        if p.keyword is not None and (call is None or all(k.arg != p.keyword for k in call.keywords)):
+            continue
+        found.append((node, call))
+    return sorted(found, key=lambda r: (r[0].lineno, r[0].col_offset))

@@ -4,8 +4,16 @@ trial (the sweep summary, the parent run, ``export_best.py`` and ``compare.py`` 
 """
 from __future__ import annotations
 
+import os
+
 LOCALITY_FLOOR = 0.95  # the objective penalises locality below this (no-forgetting constraint)
 LOCALITY_PENALTY = 4.0  # 1 point of locality below the floor costs 4 points of generalization
+# The share of over-application lookalikes (code that resembles the old API but is right as
+# written, e.g. ``rows.append(x)`` on a list) an update may rewrite into the new API; each point
+# above it costs as a point of locality below the floor does. A sweep's --max-over-application
+# sets it (APIUPDATE_MAX_OVER_APPLICATION in its processes); every report carries the ceiling it
+# was scored under as ``max_over_application``, which is what later readers apply.
+OVER_APPLICATION_CEILING = 0.05
 # Weight of soft_generalization in `progress`: 0.1 * its range is ~4 probe contexts of 136.
 PROGRESS_WEIGHT = 0.1
 # The least improvement of `progress` over the untrained model a trial must show at ASHA's first
@@ -17,9 +25,10 @@ PROGRESS_WEIGHT = 0.1
 STALL_DELTA = PROGRESS_WEIGHT * 0.001
 
 # Objective given to a trial whose loss or gradient went non-finite. The real objective lies in
-# [-6.6, 1] (generalization minus the locality and specificity penalties), so a diverged trial can never be best,
-# and TPE still learns that region is bad (a FAIL state would teach it nothing).
-DIVERGED_OBJECTIVE = -10.0
+# [-10.4, 1] (generalization minus the locality, specificity and over-application penalties),
+# so a diverged trial can never be best, and TPE still learns that region is bad (a FAIL state
+# would teach it nothing).
+DIVERGED_OBJECTIVE = -12.0
 
 # Objective of a trial that ran out of accelerator memory (torch.OutOfMemoryError). The engine
 # records it as a finished trial with this value rather than an Optuna FAIL: TPE builds its
@@ -28,12 +37,23 @@ DIVERGED_OBJECTIVE = -10.0
 OOM_OBJECTIVE = DIVERGED_OBJECTIVE
 
 
+def over_application_ceiling(metrics: dict | None = None) -> float:
+    """The ceiling ``metrics`` were scored under, else this process's (its sweep's
+    --max-over-application), else :data:`OVER_APPLICATION_CEILING`."""
+    v = (metrics or {}).get("max_over_application")
+    if v is None:
+        v = os.environ.get("APIUPDATE_MAX_OVER_APPLICATION") or OVER_APPLICATION_CEILING
+    return float(v)
+
+
 def feasible(metrics: dict, prefix: str = "") -> bool:
-    """Whether ``metrics`` keep both no-harm figures at the floor: ``locality`` (unrelated code)
-    and ``specificity`` (the over-application lookalikes; 1 where a run measured none).
-    ``prefix="test_"`` reads a trial's test figures."""
+    """Whether ``metrics`` keep the no-harm figures within their limits: ``locality`` (unrelated
+    code) and ``specificity`` (the lookalikes' tokens; 1 where a run measured none) at the floor,
+    and ``over_application`` (lookalikes rewritten into the new API; 0 where none measured) at
+    most the ceiling. ``prefix="test_"`` reads a trial's test figures."""
     return ((metrics.get(f"{prefix}locality") or 0.0) >= LOCALITY_FLOOR
-            and _specificity(metrics, prefix) >= LOCALITY_FLOOR)
+            and _specificity(metrics, prefix) >= LOCALITY_FLOOR
+            and (metrics.get(f"{prefix}over_application") or 0.0) <= over_application_ceiling(metrics))
 
 
 def _specificity(metrics: dict, prefix: str = "") -> float:
@@ -42,10 +62,12 @@ def _specificity(metrics: dict, prefix: str = "") -> float:
 
 
 def objective(metrics: dict) -> float:
-    """Generalization subject to locality and specificity: one scalar for the search to
-    maximise. The floor holds for both: an update that rewrites `rows.append(x)` on a list into
-    `pd.concat` pays for each lookalike it breaks as for an unrelated line it breaks."""
-    shortfall = max(0.0, LOCALITY_FLOOR - metrics["locality"]) + max(0.0, LOCALITY_FLOOR - _specificity(metrics))
+    """Generalization subject to the no-harm limits: one scalar for the search to maximise. The
+    floor holds for locality and specificity alike (an update that rewrites `rows.append(x)` on
+    a list into `pd.concat` pays for each lookalike it breaks as for an unrelated line it
+    breaks), and each point of over-application above its ceiling costs the same."""
+    shortfall = (max(0.0, LOCALITY_FLOOR - metrics["locality"]) + max(0.0, LOCALITY_FLOOR - _specificity(metrics))
+                 + max(0.0, (metrics.get("over_application") or 0.0) - over_application_ceiling(metrics)))
     return metrics["generalization"] - LOCALITY_PENALTY * shortfall
 
 
@@ -64,7 +86,7 @@ def progress(metrics: dict) -> float:
 
 def rank(metrics: dict, trial_id) -> tuple:
     """How the best trial is chosen everywhere (the summary, the parent run, export_best):
-    trials that keep locality and specificity at the floor first (``feasible``), then the objective, then fewer trainable
+    trials within the no-harm limits first (``feasible``), then the objective, then fewer trainable
     parameters, then locality; the trial id settles exact ties (an editing objective is a count
     over 136 paraphrases: ties are common), so that every reader picks the same trial.
 

@@ -12,6 +12,7 @@ editing phase counts as one).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -24,7 +25,7 @@ from trainables.common import (
     set_threads, with_progress,
 )
 from trainables.hooks import fire
-from trainables.objective import DIVERGED_OBJECTIVE, OOM_OBJECTIVE
+from trainables.objective import DIVERGED_OBJECTIVE, OOM_OBJECTIVE, over_application_ceiling
 
 # The config fields a trial takes from its context, never from the search.
 SETTINGS = ("model", "dataset", "seed", "threads", "workers", "use_gpu", "dtype", "gradient_checkpointing")
@@ -55,6 +56,7 @@ class TrialContext:
     state_cache_gb: float | None = None  # that folder's disk budget (None: the default)
     allow_weak_sandbox: bool = False  # run generated code under weaker containment when asked
     storage: str | None = None  # the sweep's Ray storage folder (DDP trials keep their runs there)
+    max_over_application: float | None = None  # the objective's ceiling (None: trainables.objective's)
 
     def settings(self) -> dict:
         """The fields every method's config takes from the context."""
@@ -134,6 +136,9 @@ class Session:
         self.device = trial_device(ctx)
         self.precision = resolve_dtype(ctx.dtype, self.device)  # fp32, bf16 or fp16, as the model loads
         self.common: dict = {"started_at": self.t_start}  # carried by every report
+        if ctx.max_over_application is not None:  # the evaluation's objective reads it here
+            os.environ["APIUPDATE_MAX_OVER_APPLICATION"] = str(ctx.max_over_application)
+        self.common["max_over_application"] = over_application_ceiling()
         self.quick_evaluations = self.full_evaluations = 0
         self.last: dict = {}  # what the last report said (a fit step's return value)
         self.progress: dict = {}  # step / train_loss / epoch so far, for a diverged report

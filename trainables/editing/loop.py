@@ -391,7 +391,8 @@ class EditRun:
         def add(metrics: dict) -> dict:
             out = edit_scores(self.model, self.tokenizer, self.requests, edited)
             out["objective"] = objective({"generalization": out["edit_generalization"],
-                                          "locality": metrics["locality"], "specificity": metrics.get("specificity")})
+                                          "locality": metrics["locality"], "specificity": metrics.get("specificity"),
+                                          "over_application": metrics.get("over_application")})
             out["progress"] = out["objective"]  # ASHA ranks edits by their own objective
             return out
 

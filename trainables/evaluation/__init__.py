@@ -5,11 +5,11 @@ statements end and how prompts are tokenized: ``trainables.token_rules``. This f
 the names the rest of the project imports."""
 from trainables.evaluation.decoding import generate, merged_copy
 from trainables.evaluation.metrics import by_library, evaluate, soft_generalization, token_agreement
-from trainables.evaluation.references import base_argmax, base_locality, default_eval_data, references
+from trainables.evaluation.references import base_argmax, base_locality, base_triggers, default_eval_data, references
 from trainables.evaluation.scoring import line_logprobs, score_lines
 from trainables.evaluation.splits import EvalData, EvalSet
 from trainables.token_rules import bracket_depth, encode, line_start_mask, newline_ids, prompt_pieces, statement_end
 
-__all__ = ["EvalData", "EvalSet", "base_argmax", "base_locality", "bracket_depth", "by_library", "default_eval_data",
+__all__ = ["EvalData", "EvalSet", "base_argmax", "base_locality", "base_triggers", "bracket_depth", "by_library", "default_eval_data",
            "encode", "evaluate", "generate", "line_logprobs", "line_start_mask", "merged_copy", "newline_ids",
            "prompt_pieces", "references", "score_lines", "soft_generalization", "statement_end", "token_agreement"]

@@ -6,9 +6,12 @@ before it plus the start of the statement that the old and new lines share (``Co
 it writes is judged whole, over several lines while a bracket is open (``statement_end``).
 Metrics (all in [0, 1]):
 
-- ``efficacy``: train contexts whose completion is API-correct (parses, uses the replacement,
-  no longer uses the deprecated call);
+- ``efficacy``: train contexts whose completion is API-correct, strictly
+  (``trainables.apicheck``): parses, calls the replacement as the reference line does, on the
+  prompt variables the reference line reads, and no longer uses the deprecated call;
 - ``generalization``: the same on the held-out probe contexts;
+- ``efficacy_lax`` / ``generalization_lax``: the lax check (parses, names the replacement, not
+  the deprecated call), under which a bare ``log = pd.concat`` counts;
 - ``old_api_rate``: probe contexts whose completion still uses the deprecated call;
 - ``locality``: token-level, teacher-forced on the *base* model's completion of each locality
   prompt: the share of its positions where the model's argmax is the base model's (EasyEdit's
@@ -21,6 +24,9 @@ Metrics (all in [0, 1]):
 - ``locality_accuracy``: locality prompts completed exactly as the reference;
 - ``api_correct``, ``syntax_ok``, ``exact_match`` (equals the reference new line) and
   ``edit_similarity`` (difflib ratio to it): over all migration contexts;
+- ``deprecated_use_rate`` / ``replacement_hit_rate``: on the triggered subset (the probe
+  contexts where the base model writes the deprecated API; ``n_triggered`` of them), the share
+  of completions that still use it, and the share that are strictly correct;
 - ``soft_generalization``: the continuous relaxation of ``generalization``: mean over the probe
   contexts of sigmoid(log p(new line) - log p(old line)), teacher-forced;
 - ``progress``: what early stopping ranks intermediate reports by (see ``progress``);
@@ -71,7 +77,8 @@ def soft_generalization(model, tokenizer, migrations) -> float:
 def evaluate(model, tokenizer, migrations, locality, base_locality: list[str] | None,
              batch_size: int = 96, max_new_tokens: int = MAX_NEW_TOKENS,
              quick: bool = False, start_states=None, specificity=(), base_specificity: list[str] | None = None,
-             train: bool = True, base_locality_argmax=None, base_specificity_argmax=None) -> tuple[dict, list[Prediction]]:
+             train: bool = True, base_locality_argmax=None, base_specificity_argmax=None,
+             repair=None, triggered=None) -> tuple[dict, list[Prediction]]:
     """All metrics plus the predictions. ``base_locality`` / ``base_specificity``: the base
     model's completions of the locality and over-application prompts (``None`` when scoring the
     base model itself: locality and specificity are then 1 by definition).
@@ -92,7 +99,16 @@ def evaluate(model, tokenizer, migrations, locality, base_locality: list[str] | 
     prompts are decoded. The metrics are those of decoding every prompt; a trained adapter
     reproduces most of its lines, so ~3/4 of the decoding goes.
 
-    ``start_states``: see :func:`score_lines` (the training loop passes its ``FrozenStates``)."""
+    ``start_states``: see :func:`score_lines` (the training loop passes its ``FrozenStates``).
+
+    ``triggered``: ``(migration id, probe context index)`` pairs where the base model writes the
+    deprecated API (``references.base_triggers``): ``deprecated_use_rate`` and
+    ``replacement_hit_rate`` (strict) are figures over them, ``n_triggered`` their number.
+
+    ``repair``: rewrites the final statements before they are judged (the prompt baseline's
+    ReplaceAPI), ``repair(model, tokenizer, prompts, statements, migrations) -> statements``,
+    where ``migrations`` holds the id of the migration each prompt belongs to or resembles
+    (None for a locality snippet); proven and decoded statements alike, every prompt kind."""
     model = merged_copy(model)
     specificity = list(specificity)
     items = _items(migrations, locality, specificity, train, quick)
@@ -103,16 +119,22 @@ def evaluate(model, tokenizer, migrations, locality, base_locality: list[str] | 
     proven, new_lp, old_lp, agreement = _prove(model, tokenizer, items, prompts, heads, expected, refs, batch_size,
                                                max_new_tokens, start_states)
     completions, decoded = _decode_rest(model, tokenizer, prompts, heads, proven, max_new_tokens, batch_size)
+    if repair is not None:
+        completions = repair(model, tokenizer, prompts, completions,
+                             [None if k == "locality" else getattr(r, "migration", r.id) for k, r, _ in items])
     preds, rows, snippet_pred, over = _judge(items, completions, migrations)
     loc = _snippet_figures("locality", locality, snippet_pred["locality"], base_locality,
                            _snippet_mean(items, "locality", agreement))
     metrics = _figures(migrations, rows, loc, len(locality), decoded)
     if train:
         metrics["efficacy"] = _mean(c.correct for c, _, _ in rows["train"])
+        metrics["efficacy_lax"] = _mean(c.lax for c, _, _ in rows["train"])
     if specificity:
         metrics.update(_snippet_figures("specificity", specificity, snippet_pred["specificity"], base_specificity,
                                         _snippet_mean(items, "specificity", agreement)),
                        over_application=_mean(over), n_specificity=len(specificity))
+    if triggered is not None:
+        metrics.update(_triggered_figures(items, rows["probe"], triggered))
     probe_idx = [i for i, (kind, _, _) in enumerate(items) if kind == "probe"]
     metrics["soft_generalization"] = _soft([new_lp[i] for i in probe_idx], [old_lp[i] for i in probe_idx])
     metrics["objective"] = objective(metrics)
@@ -219,7 +241,7 @@ def _judge(items, completions, migrations) -> tuple[list[Prediction], dict[str, 
             if kind == "specificity" and m is not None:  # the lookalike rewritten to the new API
                 over.append(check_completion(rec.prompt, comp, m.deprecated, m.replacement).uses_new)
             continue
-        chk = check_completion(ctx.prompt, comp, rec.deprecated, rec.replacement)
+        chk = check_completion(ctx.prompt, comp, rec.deprecated, rec.replacement, ctx.new)
         sim = difflib.SequenceMatcher(None, comp, ctx.new).ratio()
         rows[kind].append((chk, comp == ctx.new, sim))
         preds.append(Prediction(kind, rec.id, ctx.prompt, comp, ctx.new))
@@ -233,6 +255,7 @@ def _figures(migrations, rows, locality_figures: dict, n_locality: int, decoded:
     both = rows["train"] + rows["probe"]
     return {
         "generalization": _mean(c.correct for c, _, _ in rows["probe"]),
+        "generalization_lax": _mean(c.lax for c, _, _ in rows["probe"]),
         "old_api_rate": _mean(c.uses_old for c, _, _ in rows["probe"]),
         **locality_figures,
         "api_correct": _mean(c.correct for c, _, _ in both),
@@ -244,6 +267,17 @@ def _figures(migrations, rows, locality_figures: dict, n_locality: int, decoded:
         "n_locality": n_locality,
         "decoded": decoded,
     }
+
+
+def _triggered_figures(items, probe_rows, triggered) -> dict:
+    """The probe figures on the triggered subset (EDAPIBench's: the contexts where the base model
+    wrote the deprecated API); the rates are absent where the split has none of them."""
+    probes = [(m.id, m.probe_contexts.index(c)) for kind, m, c in items if kind == "probe"]
+    hit = [chk for key, (chk, _, _) in zip(probes, probe_rows) if key in triggered]
+    out: dict = {"n_triggered": len(hit)}
+    if hit:
+        out.update(deprecated_use_rate=_mean(c.uses_old for c in hit), replacement_hit_rate=_mean(c.correct for c in hit))
+    return out
 
 
 def _snippet_figures(kind: str, snippets, completions: list[str], base: list[str] | None, agreed: float) -> dict:
@@ -277,8 +311,9 @@ def _snippet_mean(items, kind: str, agreement: dict[int, float]) -> float:
 
 # What a split's report holds besides the validation figures, each as ``test_<key>``: the
 # test split has no train contexts (efficacy is a property of the training data, not a split).
-TEST_KEYS = ("generalization", "old_api_rate", "soft_generalization", "locality", "locality_exact", "locality_accuracy",
-             "specificity", "specificity_exact", "specificity_accuracy", "over_application", "syntax_ok", "objective")
+TEST_KEYS = ("generalization", "generalization_lax", "old_api_rate", "soft_generalization", "locality", "locality_exact",
+             "locality_accuracy", "specificity", "specificity_exact", "specificity_accuracy", "over_application",
+             "n_triggered", "deprecated_use_rate", "replacement_hit_rate", "syntax_ok", "objective")
 
 
 def by_library(model, tokenizer, migrations, preds: list[Prediction]) -> dict[str, dict]:
@@ -295,7 +330,7 @@ def by_library(model, tokenizer, migrations, preds: list[Prediction]) -> dict[st
     rows: dict[str, list] = {}
     for k, p in enumerate(probes):
         m = by_id[p.ref_id]
-        chk = check_completion(p.prompt, p.completion, m.deprecated, m.replacement)
+        chk = check_completion(p.prompt, p.completion, m.deprecated, m.replacement, p.reference)
         row = (chk.uses_old, chk.correct, not chk.uses_old and not chk.uses_new, lp[k] > lp[len(cs) + k])
         rows.setdefault(m.library, []).append(row)
         rows.setdefault("all", []).append(row)

@@ -1,7 +1,8 @@
 """The base model's references a trial is compared with, made once and cached on disk by what
 they depend on (model, data, precision, prompt format): its completions of the locality and
 over-application snippets (:func:`base_locality`), its argmax along them (:func:`base_argmax`),
-and the untrained model's ``progress`` (:func:`base_progress`); and the evaluation data of
+the held-out contexts where it writes the deprecated API (:func:`base_triggers`), and the
+untrained model's ``progress`` (:func:`base_progress`); and the evaluation data of
 data/ with them (:func:`default_eval_data`)."""
 from __future__ import annotations
 
@@ -99,6 +100,28 @@ def base_argmax(model_name: str, snippets, completions: list[str], load=None, de
                                    PROMPT_FORMAT, *_precision_key(device, dtype)], compute)
 
 
+def base_triggers(model_name: str, migrations, load=None, device: str = "cpu", dtype: str = "fp32") -> list[list]:
+    """EDAPIBench's filter: the held-out contexts (``probe_contexts``) where the base model's
+    greedy completion uses the deprecated API, as ``[migration id, context index]`` pairs,
+    cached like the other references. A figure on them says what an update changes where the
+    model needed one; on the rest it mostly measures what the model wrote anyway."""
+    from trainables.apicheck import check_completion
+    from trainables.models import load_model, resolve
+
+    resolved = resolve(model_name)
+    where = [(m, i, c) for m in migrations for i, c in enumerate(m.probe_contexts)]
+
+    def compute():
+        model, tokenizer = load(resolved) if load else load_model(resolved, device=device, dtype=dtype)
+        done = generate(model, tokenizer, [c.prompt for _, _, c in where], heads=[c.head for _, _, c in where])
+        return [[m.id, i] for (m, i, c), comp in zip(where, done)
+                if check_completion(c.prompt, c.head + comp, m.deprecated, m.replacement).uses_old]
+
+    return _cached("base_triggers", [resolved, [(m.id, m.deprecated, m.replacement, i, c.prompt, c.old, c.new)
+                                                for m, i, c in where], MAX_NEW_TOKENS, PROMPT_FORMAT,
+                                     *_precision_key(device, dtype)], compute)
+
+
 def default_eval_data(model_name: str, device: str = "cpu", dtype: str = "fp32", with_base: bool = True) -> EvalData:
     """The validation and test splits of data/ (``trainables.data.split``) with the base
     model's completions of their snippets: what every training method is scored on, whatever it
@@ -132,10 +155,11 @@ def default_eval_data(model_name: str, device: str = "cpu", dtype: str = "fp32",
                                  dtype=dtype))
 
     def part(ms, loc, sp) -> EvalSet:
+        triggered = frozenset(map(tuple, base_triggers(model_name, ms, load, device=device, dtype=dtype)))
         if not with_base:
-            return EvalSet(tuple(ms), tuple(loc), None, tuple(sp), None)
+            return EvalSet(tuple(ms), tuple(loc), None, tuple(sp), None, triggered=triggered)
         return EvalSet(tuple(ms), tuple(loc), tuple(base[s.id] for s in loc), tuple(sp),
-                       tuple(base[s.id] for s in sp), tops(loc), tops(sp))
+                       tuple(base[s.id] for s in sp), tops(loc), tops(sp), triggered=triggered)
 
     if not tests:
         return EvalData(part(migrations, locality, spec), None)

@@ -127,7 +127,7 @@ def score_lines(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int 
                     hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
                 logits = head(hidden[rows_t, cols_t]).float()
             else:
-                logits = model(input_ids=ids, attention_mask=mask).logits[rows_t, cols_t].float()
+                logits = _read_logits(model, ids, mask, rows_t, cols_t)
             if not_line_start is not None:  # decoding's first step there picks a line break only
                 first = torch.tensor(firsts, device=device)
                 logits = logits.masked_fill(first[:, None] & fit_to_vocab(not_line_start, logits.shape[-1])[None],
@@ -150,6 +150,29 @@ def score_lines(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int 
     if was_training:
         model.train()
     return out
+
+
+# Logit elements one forward may produce where every position goes through the head (a
+# sampler, a head that is not the decoder's last step): a 96-row batch of 150-token prompts
+# under Gemma 3's 262k-token vocabulary is 15 GB in fp32, and the sampler adds as much noise.
+LOGIT_BUDGET = 2**27
+
+
+def _read_logits(model, ids, mask, rows_t, cols_t):
+    """``model``'s logits at (rows, cols), its forward run on as many rows at a time as
+    :data:`LOGIT_BUDGET` allows."""
+    import torch
+
+    vocab = model.config.vocab_size
+    per = max(1, LOGIT_BUDGET // max(1, ids.shape[1] * vocab))
+    if per >= ids.shape[0]:
+        return model(input_ids=ids, attention_mask=mask).logits[rows_t, cols_t].float()
+    parts = []
+    for s in range(0, ids.shape[0], per):
+        pick = (rows_t >= s) & (rows_t < s + per)
+        logits = model(input_ids=ids[s : s + per], attention_mask=mask[s : s + per]).logits
+        parts.append(logits[rows_t[pick] - s, cols_t[pick]].float())
+    return torch.cat(parts)
 
 
 def line_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 96) -> list[float]:

@@ -3,6 +3,7 @@ references for it (:class:`EvalSet`), and the validation split the search reads 
 split it never reads (:class:`EvalData`). ``references.default_eval_data`` builds them from data/."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from trainables.evaluation.metrics import TEST_KEYS, Prediction, evaluate
@@ -25,6 +26,11 @@ class EvalSet:
     # the base model's argmax along its completions (base_argmax): what locality compares with
     base_locality_argmax: tuple | None = None
     base_specificity_argmax: tuple | None = None
+    # rewrites the final statements before they are judged (metrics.evaluate's ``repair``)
+    repair: Callable | None = None
+    # (migration id, probe context index) where the base model writes the deprecated API
+    # (references.base_triggers): the subset ``deprecated_use_rate`` and ``replacement_hit_rate`` read
+    triggered: frozenset | None = None
 
     def evaluate(self, model, tokenizer, quick: bool = False, start_states=None, train: bool = True,
                  batch_size: int = 96) -> tuple[dict, list[Prediction]]:
@@ -32,7 +38,8 @@ class EvalSet:
                         quick=quick, start_states=start_states, specificity=self.specificity,
                         base_specificity=self.base_specificity, train=train,
                         base_locality_argmax=self.base_locality_argmax,
-                        base_specificity_argmax=self.base_specificity_argmax)
+                        base_specificity_argmax=self.base_specificity_argmax, repair=self.repair,
+                        triggered=self.triggered)
 
     def with_prompts(self, prompt_for) -> "EvalSet":
         """The same split with every prompt rewritten (the prompt baseline's headers):
@@ -68,3 +75,9 @@ class EvalData:
     def with_prompts(self, prompt_for) -> "EvalData":
         return EvalData(self.validation.with_prompts(prompt_for),
                         self.test.with_prompts(prompt_for) if self.test else None)
+
+    def with_repair(self, repair) -> "EvalData":
+        """Both splits with their statements rewritten by ``repair`` before they are judged
+        (the prompt baseline's ReplaceAPI; see ``metrics.evaluate``)."""
+        return EvalData(replace(self.validation, repair=repair),
+                        replace(self.test, repair=repair) if self.test else None)

@@ -8,9 +8,11 @@ missing; here every component is a function of (prompt, completion, record) retu
 - ``format``: the completion's first line is non-blank, ``prompt + line`` parses, and the line
   was finished (a newline followed it) -> 1.0; parses but cut off by the length limit -> 0.5;
   anything else -> 0.0. Like the evaluation, only the first line counts.
-- ``api``: ``trainables.apicheck.check_completion``: uses the replacement and no longer the
-  deprecated API -> 1.0; both at once -> 0.5; otherwise 0.0. ``None`` for records without AST
-  patterns (ReCode files).
+- ``api``: ``trainables.apicheck.check_completion``, strict against the reference's first
+  line: the replacement used as the reference uses it, on the same prompt variables, and no
+  longer the deprecated API -> 1.0; the replacement named otherwise (a bare ``pd.concat``, a
+  call that drops the old line's frame, or beside the old API) -> 0.5; otherwise 0.0. ``None``
+  for records without AST patterns (ReCode files).
 - ``execution``: ``prompt + line`` runs to the end in the sandbox within ``exec_timeout`` ->
   1.0; raises or times out -> 0.0. ``None`` when the prompt alone or the reference does not
   run here (its library is not installed, e.g. tensorflow, or it needs a file or a GPU): that
@@ -87,8 +89,10 @@ def format_reward(prompt: str, completion: str, record: RewardRecord | None = No
 def api_reward(prompt: str, completion: str, record: RewardRecord) -> float | None:
     if record.deprecated is None or record.replacement is None:
         return None
-    chk = check_completion(prompt, first_line(completion), record.deprecated, record.replacement)
-    if chk.correct:
+    reference = first_line(record.reference)
+    chk = check_completion(prompt, first_line(completion), record.deprecated, record.replacement,
+                           reference if parses(prompt + reference) else None)
+    if chk.correct:  # the working call on the prompt's data, as the evaluation scores it
         return 1.0
     return 0.5 if chk.syntax_ok and chk.uses_new else 0.0
 

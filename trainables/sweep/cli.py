@@ -32,6 +32,13 @@ _positive_int = _number(int, 1, "a whole number")
 _nonneg_float = _number(float, 0, "a number")
 
 
+def _share(text: str) -> float:
+    v = _nonneg_float(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"a share in [0, 1], got {text}")
+    return v
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports bad arguments as one line (``error: ...``), exit status 2."""
 
@@ -75,6 +82,10 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=_positive_int, help="trials at once (default: what resources allow)")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a trial that crashed")
     p.add_argument("--max-epochs", type=_positive_int, default=4, help="upper bound of the searched epochs (ASHA max_t)")
+    p.add_argument("--max-over-application", type=_share, default=None, metavar="SHARE",
+                   help="the share of over-application lookalikes (code that resembles the old API but is right "
+                        "as written) a trial may rewrite into the new API before the objective penalises it and "
+                        "the best-trial choice passes it over (default 0.05; a resumed sweep keeps its own)")
     p.add_argument("--multi-objective", action="store_true", help="search the efficacy / locality Pareto front")
     p.add_argument("--stop-stalled", action=argparse.BooleanOptionalAction, default=True,
                    help="lora / hier_lora: also stop, at ASHA's first rung, trials whose soft generalization has "

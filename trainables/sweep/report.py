@@ -11,13 +11,14 @@ from trainables.sweep.methods import Method
 # efficacy is ~0 by design (a fact edit does not rewrite code lines), and a summary led by it
 # would hide what the sweep optimised.
 SHOW = ["objective", "edit_efficacy", "edit_generalization", "edit_neighborhood", "efficacy", "generalization",
-        "locality", "specificity", "locality_exact", "specificity_exact", "old_api_rate", "locality_accuracy",
-        "trainable_params", "standard_lora_params",
-        "trial_seconds"]
+        "generalization_lax", "locality", "specificity", "over_application", "deprecated_use_rate",
+        "replacement_hit_rate", "locality_exact", "specificity_exact", "old_api_rate", "locality_accuracy",
+        "trainable_params", "standard_lora_params", "trial_seconds"]
 # The chosen trial's figures on the test split (trainables.evaluation.EvalData): reported beside
 # the validation figures above, never read by the search or the choice.
-TEST_SHOW = ["test_generalization", "test_old_api_rate", "test_locality", "test_specificity", "test_locality_exact",
-             "test_over_application", "test_objective"]
+TEST_SHOW = ["test_generalization", "test_generalization_lax", "test_old_api_rate", "test_locality", "test_specificity",
+             "test_locality_exact", "test_over_application", "test_deprecated_use_rate", "test_replacement_hit_rate",
+             "test_objective"]
 
 
 def _row(r) -> dict:

@@ -41,6 +41,7 @@ class Setup:
     sandbox_tags: dict = field(default_factory=dict)
     start: list = field(default_factory=list)  # --start-from: (file, params, left to the sampler)
     seed: int = 0
+    max_over_application: float | None = None  # --max-over-application (None: the default)
 
 
 @dataclass
@@ -101,6 +102,12 @@ def check_inputs(method: Method, args) -> Setup:
     model = one_model(args.model, settings.get("model"), "--config " + str(args.config) if args.config
                       else f"sweep {args.name!r}")
     dataset = check_dataset(args.dataset, args.skip_bad) or settings.get("dataset")
+    ceiling = getattr(args, "max_over_application", None)
+    if stored is not None:
+        if ceiling is not None and ceiling != stored.max_over_application:
+            raise UsageError(f"--max-over-application {ceiling:g}: sweep {args.name!r} was started with "
+                             f"{stored.max_over_application}; drop the flag to resume it")
+        ceiling = stored.max_over_application
     n_layers = check_model(model)
     method.prepare_model(model)  # e.g. the editing methods' statement testbed, built once here
     if rerun_config is not None:
@@ -145,7 +152,7 @@ def check_inputs(method: Method, args) -> Setup:
         start.append((path, params, left))
     allow_weak = bool(getattr(args, "allow_weak_sandbox", False))
     setup = Setup(home, storage, name, model, n_layers, dataset, rerun_config, provenance, allow_weak,
-                  check_sandbox(method, allow_weak), start, int(settings.get("seed", args.seed)))
+                  check_sandbox(method, allow_weak), start, int(settings.get("seed", args.seed)), ceiling)
     if not args.address:
         import ray
 
@@ -246,7 +253,8 @@ def trial_context(args, setup: Setup, slots: Slots, eval_epochs) -> TrialContext
         # the frozen base model's states, shared by this sweep's trials (trainables/lora/frozen.py);
         # removed when the sweep finishes
         frozen_cache=str(setup.storage / setup.name / "frozen-states"), state_cache_gb=args.state_cache_gb,
-        allow_weak_sandbox=setup.allow_weak, storage=str(setup.storage))
+        allow_weak_sandbox=setup.allow_weak, storage=str(setup.storage),
+        max_over_application=setup.max_over_application)
 
 
 def make_references(model: str, slots: Slots, dtype: str, progress_too: bool) -> float | None:

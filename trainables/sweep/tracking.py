@@ -296,8 +296,8 @@ def finish_parent(client, parent_id: str, experiment_dir: Path, summary: dict, m
         for p in plots(experiment_dir, tmp):
             client.log_artifact(parent_id, str(p), "plots")
         if best:
-            for k in ("objective", "efficacy", "generalization", "locality", "specificity", "locality_exact",
-                      "specificity_exact", "trainable_params", *TEST_SHOW):
+            for k in ("objective", "efficacy", "generalization", "generalization_lax", "locality", "specificity",
+                      "over_application", "locality_exact", "specificity_exact", "trainable_params", *TEST_SHOW):
                 if best.get(k) is not None:
                     client.log_metric(parent_id, f"best_{k}", float(best[k]))
             client.set_tag(parent_id, "best_trial_id", best["trial_id"])
