@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Rules + prompt baseline sweep: prompt strategy (basic, context, rules, chain of thought),
-the updates the comments describe, and the temperature; nothing is trained.
+"""Rules + prompt baseline sweep: prompt strategy (basic, context, rules, chain of thought,
+InsertPrompt, ReplaceAPI), the updates the comments describe, and the temperature; nothing is
+trained.
 
     python sweeps/prompt.py --num-samples 8
     python sweeps/prompt.py --resume --name NAME

@@ -42,7 +42,7 @@ METHODS: dict[str, Method] = {
     "prompt": Method(
         "prompt", prompt.PromptConfig, prompt.fit, prompt_space.space, {},
         "Rules + prompt baseline: update knowledge as comment lines before the code prompt (basic, "
-        "context, rules, chain of thought); nothing is trained.",
+        "context, rules, chain of thought, InsertPrompt) or ReplaceAPI's rewrites; nothing is trained.",
     ),
     "rome": Method(
         "rome", editing.RomeConfig, editing.fit, rome_space.space, {"algorithm": "rome"},
