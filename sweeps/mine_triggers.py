@@ -5,7 +5,7 @@
     python sweeps/mine_triggers.py --model smollm2 --samples-per-prompt 8 --temperature 0.8
     python sweeps/mine_triggers.py --model smollm2 --only pandas-iteritems --only numpy-product
     python sweeps/hier_lora.py --dataset FILE            # train on the mined train contexts
-    python sweeps/evaluate.py --model smollm2 --migrations FILE --json   # score on them
+    python sweeps/evaluate.py --model smollm2 --dataset FILE --json      # score on them
 
 Per migration: intent prompts (the library's imports and a comment saying what the code does,
 never a probe or test context), sampled continuations (exact temperature sampling through the
@@ -32,7 +32,8 @@ def parse_args(argv):
     p.add_argument("--model", required=True,
                    help="'testbed', 'smollm2', 'gemma3', a .gguf file, a local model folder or a hub id")
     p.add_argument("--out", help="output JSONL (default: <cache>/mined/triggers-<model>.jsonl; data/ is curated)")
-    p.add_argument("--migrations", help="source migrations JSONL (default: the data dir's migrations.jsonl)")
+    p.add_argument("--dataset", "--migrations", dest="dataset", metavar="FILE",
+                   help="source migrations JSONL (default: the data dir's migrations.jsonl)")
     p.add_argument("--only", action="append", default=[], metavar="ID",
                    help="mine only this migration id (repeatable, or comma-separated)")
     p.add_argument("--samples-per-prompt", type=int, default=8, help="samples drawn from each intent prompt")
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
         check_model_name(args.model)
-        source = data.load_migrations(args.migrations)
+        source = data.load_migrations(args.dataset)
         check_args(args, source)
         curated = data.load_migrations() if data.migrations_path().is_file() else []
         tests = mining.read_test_records(data.testset_path())
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     chosen_ids = set(args.only) or {m.id for m in source}
     migrations = [m for m in source if m.id in chosen_ids]
     forbidden = mining.evaluation_lines([*source, *curated], tests)
-    facts = pathlib.Path(args.migrations).with_name("edit_facts.json") if args.migrations else None
+    facts = pathlib.Path(args.dataset).with_name("edit_facts.json") if args.dataset else None
     tasks = {**mining.read_tasks(data.data_dir() / "edit_facts.json"), **(mining.read_tasks(facts) if facts else {})}
     default_out = cache_root() / "mined" / f"triggers-{mining.model_slug(args.model)}.jsonl"
     out = pathlib.Path(args.out) if args.out else default_out

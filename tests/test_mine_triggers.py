@@ -232,7 +232,7 @@ def test_cli_bad_input_is_one_error_line(capsys):
     from sweeps.mine_triggers import main
 
     assert main(["--model", "./no-such-model"]) == 2
-    assert main(["--model", "testbed", "--migrations", "/no/such.jsonl"]) == 2
+    assert main(["--model", "testbed", "--dataset", "/no/such.jsonl"]) == 2
     assert main(["--model", "testbed", "--only", "not-a-migration"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("error: ") for line in err)

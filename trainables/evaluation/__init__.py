@@ -2,7 +2,8 @@
 decoding (``decoding``), the teacher-forced pass (``scoring``), the figures (``metrics``), what a
 trial is scored on (``splits``) and the base model's cached references (``references``); where
 statements end and how prompts are tokenized: ``trainables.token_rules``. This face hands on
-the names the rest of the project imports."""
+the names the rest of the project imports. Apart from it: the general evaluation on HumanEval
+(``general``), which only ``sweeps/evaluate.py --general-eval`` runs."""
 from trainables.evaluation.decoding import generate, merged_copy
 from trainables.evaluation.metrics import by_library, evaluate, soft_generalization, token_agreement
 from trainables.evaluation.references import base_argmax, base_locality, base_triggers, default_eval_data, references

@@ -1,7 +1,9 @@
 """Greedy decoding, as every method's completions are made: one statement per prompt, batched,
-KV-cached (:func:`generate`), through a merged copy of a LoRA model where one fits
-(:func:`merged_copy`)."""
+KV-cached (:func:`generate`; whole function bodies up to stop sequences for the general
+evaluation), through a merged copy of a LoRA model where one fits (:func:`merged_copy`)."""
 from __future__ import annotations
+
+from typing import Sequence
 
 from trainables.token_rules import (
     blank_mask,
@@ -21,13 +23,20 @@ MAX_NEW_TOKENS = 64
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS,
-             batch_size: int = 96, heads: list[str] | None = None) -> list[str]:
+             batch_size: int = 96, heads: list[str] | None = None,
+             stop: Sequence[str] | None = None) -> list[str]:
     """Greedy completions of one statement, batched by similar length (left padding), KV-cached.
 
     ``heads``: per prompt, the start of the statement (``Context.head``), tokenized apart from
     the prompt as the whole line would be; the result is what follows it. A row stops at a
     newline token once its brackets (counted from the head on) are balanced, or at EOS; the text
     is then cut at :func:`statement_end`.
+
+    ``stop``: multi-line completions (HumanEval's function bodies) instead of one statement: a
+    row stops at any special token (EOS included) or once its text holds one of these strings,
+    and is cut before the first; newlines and brackets end nothing. The text is what follows the
+    prompt as given (a real model's completion begins with the prompt's final line break, which
+    is dropped: :func:`_after_prompt`).
 
     A hand-rolled loop rather than ``model.generate``: on the testbed its per-step overhead
     dominated (5.5 s for the 570 prompts vs ~1.5 s here), and rows stop at the first newline
@@ -51,6 +60,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW
     brackets = token_brackets(tokenizer).to(device)
     blank = blank_mask(tokenizer).to(device)
     not_line_start = ~line_start_mask(tokenizer).to(device)
+    if stop is not None:
+        stop = [t for t in stop if t]
+        ends = torch.tensor(sorted(set(tokenizer.all_special_ids) | {tokenizer.eos_token_id}), device=device)
+        leads = [lead for _, lead, _ in pieces]
     was_training = model.training
     model.eval()
     with torch.inference_mode():
@@ -70,6 +83,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW
             # token must be a line break, and a newline ends them only once the statement began
             pending = torch.tensor([at_start[i] for i in idx], device=device)
             steps = []  # (rows, next tokens) per step
+            if stop is not None:
+                tokens: list[list[int]] = [[] for _ in idx]  # each row's tokens so far, for the stop check
             cache = None  # transformers 5 names the KV cache `cache` (was past_key_values)
             step_ids, step_pos = ids, pos
             for step in range(max_new_tokens):
@@ -82,8 +97,17 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW
                                                 float("-inf"))
                 nxt = logits.argmax(-1)
                 steps.append((rows, nxt))
-                depth = depth + brackets[nxt]
-                live = ~(torch.isin(nxt, eos) | (torch.isin(nxt, newline) & (depth <= 0) & ~pending))
+                if stop is not None:
+                    stopped = []
+                    for row, tok in zip(rows.tolist(), nxt.tolist()):
+                        tokens[row].append(tok)
+                        text = _after_prompt(tokenizer.decode(tokens[row], skip_special_tokens=True),
+                                             leads[idx[row]], at_start[idx[row]])
+                        stopped.append(_stop_at(text, stop) < len(text))
+                    live = ~(torch.isin(nxt, ends) | torch.tensor(stopped, device=device))
+                else:
+                    depth = depth + brackets[nxt]
+                    live = ~(torch.isin(nxt, eos) | (torch.isin(nxt, newline) & (depth <= 0) & ~pending))
                 pending = pending & blank[nxt]
                 if not bool(live.any()):
                     break
@@ -101,12 +125,30 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW
                     gen[row].append(tok)
             for row, i in enumerate(idx):
                 text = tokenizer.decode(gen[row], skip_special_tokens=True)
+                if stop is not None:
+                    text = _after_prompt(text, leads[i], at_start[i])
+                    out[i] = text[: _stop_at(text, stop)]
+                    continue
                 if at_start[i]:
                     text = skip_line_start(text)
                 out[i] = text[: statement_end(text, depth0[i])]
     if was_training:
         model.train()
     return out
+
+
+def _after_prompt(text: str, lead: str, at_start: bool) -> str:
+    """A multi-line completion as the continuation of the prompt as given: without the prompt's
+    final line breaks (``prompt_pieces``' ``lead``) that a real model's completion writes first;
+    where it wrote other breaks, from its first line of code (:func:`skip_line_start`)."""
+    if not at_start:
+        return text
+    return text[len(lead):] if text.startswith(lead) else skip_line_start(text)
+
+
+def _stop_at(text: str, stop: Sequence[str]) -> int:
+    """Where the first of the ``stop`` strings begins in ``text``; ``len(text)`` when none does."""
+    return min((i for i in (text.find(t) for t in stop) if i >= 0), default=len(text))
 
 
 # Evaluate a LoRA model through a merged copy when the copy is this small (parameters): 2 GB in
