@@ -197,6 +197,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     bad_start.write_text("method: hier_lora\nconfig: {lr: 0.5, r: 8}\n")
     cases = [
         (["--num-samples", "0"], "must be >= 1"),
+        (["--max-over-application", "1.5"], "a share in [0, 1]"),
         (["--resume", "--name", "nope"], "no sweep named 'nope'"),
         (["--model", "./no/such/model"], "no such file"),
         (["--dataset", str(tmp_path / "missing.jsonl")], "no such file"),
