@@ -10,7 +10,7 @@ from trainables.sweep.methods import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = {"__init__.py"}  # sweeps/ holds command-line scripts only; the engine is trainables/sweep/
-TOOLS = {"evaluate.py", "export_best.py", "cua_eval.py", "compare.py"} | LIBRARY
+TOOLS = {"evaluate.py", "export_best.py", "cua_eval.py", "compare.py", "mine_triggers.py"} | LIBRARY
 
 
 def test_every_method_has_its_script_and_space_and_nothing_else_does():
