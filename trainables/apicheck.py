@@ -103,30 +103,30 @@ def _refs(node: ast.AST, pattern: Pattern, aliases: dict[str, str]) -> bool:
     return q == pattern.target
 
 
-def _uses(tree: ast.AST, first_line: int, pattern: Pattern, aliases: dict[str, str]) -> set[str]:
-    """How the completion's lines use the pattern's target: a set of roles, ``call`` (the
-    function of a call), ``index`` (the value of a subscript) or ``name`` (any other use);
-    empty where they do not use it."""
-    roles: set[str] = set()
-    role_of: dict[int, str] = {}
+def _found(tree: ast.AST, first_line: int, pattern: Pattern, aliases: dict[str, str]):
+    """Each reference to the pattern's target on the completion's lines: ``(node, call, role)``,
+    the Name or Attribute node, the Call it is the function of (None when not called) and its
+    role, ``call``, ``index`` (the value of a subscript) or ``name`` (any other use); for
+    ``P(kw=)`` only calls that pass ``kw``."""
+    calls, indexed = {}, set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
-            role_of[id(node.func)] = "call"
+            calls[id(node.func)] = node
         elif isinstance(node, ast.Subscript):
-            role_of[id(node.value)] = "index"
+            indexed.add(id(node.value))
     for node in ast.walk(tree):
-        if getattr(node, "lineno", 0) < first_line:
+        if getattr(node, "lineno", 0) < first_line or not _refs(node, pattern, aliases):
             continue
-        if pattern.keyword is not None:
-            if (
-                isinstance(node, ast.Call)
-                and _refs(node.func, pattern, aliases)
-                and any(k.arg == pattern.keyword for k in node.keywords)
-            ):
-                roles.add("call")
-        elif _refs(node, pattern, aliases):
-            roles.add(role_of.get(id(node), "name"))
-    return roles
+        call = calls.get(id(node))
+        if pattern.keyword is not None and (call is None or all(k.arg != pattern.keyword for k in call.keywords)):
+            continue
+        yield node, call, "call" if call is not None else "index" if id(node) in indexed else "name"
+
+
+def _uses(tree: ast.AST, first_line: int, pattern: Pattern, aliases: dict[str, str]) -> set[str]:
+    """How the completion's lines use the pattern's target: the roles of :func:`_found`; empty
+    where they do not use it."""
+    return {role for _, _, role in _found(tree, first_line, pattern, aliases)}
 
 
 def _matches(tree: ast.AST, first_line: int, pattern: Pattern, aliases: dict[str, str]) -> bool:
@@ -220,14 +220,5 @@ def references(prompt: str, completion: str, pattern: str) -> list[tuple[ast.AST
         tree = ast.parse(program)
     except SyntaxError:
         return []
-    p, aliases = parse_pattern(pattern), import_aliases(tree)
-    calls = {id(n.func): n for n in ast.walk(tree) if isinstance(n, ast.Call)}
-    found = []
-    for node in ast.walk(tree):
-        if getattr(node, "lineno", 0) < first_line or not _refs(node, p, aliases):
-            continue
-        call = calls.get(id(node))
-        if p.keyword is not None and (call is None or all(k.arg != p.keyword for k in call.keywords)):
-            continue
-        found.append((node, call))
+    found = [(node, call) for node, call, _ in _found(tree, first_line, parse_pattern(pattern), import_aliases(tree))]
     return sorted(found, key=lambda r: (r[0].lineno, r[0].col_offset))
